@@ -1,0 +1,276 @@
+"""Typed configuration: dataclass schemas registered in Hydra's ConfigStore.
+
+YAML files under ``conf/`` hold values; the schemas here hold types. Every
+config group option starts from its schema (``defaults: [<schema>, _self_]``),
+so a misspelt key or a wrong type fails at composition, before anything runs
+or is queued on a cluster. :func:`to_config` turns the composed DictConfig into
+these dataclasses and :func:`validate` checks the cross-field rules.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+# --------------------------------------------------------------------- dataset
+
+
+@dataclass
+class DatasetConfig:
+    """Fields every task shares. Sizes of None mean the whole split."""
+
+    name: str = MISSING
+    data_dir: str | None = None  # local copy; None -> task default / env var / hub
+    train_size: int | None = None
+    valid_size: int | None = None  # held-out training prompts for checkpoint selection
+    test_size: int | None = None
+    prompt_template: str | None = None  # None -> the task's paper prompt
+    add_gold_to_winners: bool = False
+    max_new_tokens: int = 512
+    # Paper defaults for the top-level knobs (config.yaml interpolates them).
+    iterations: int = 3
+    samples_per_prompt: int = 30
+    pairs_per_prompt: int = 10
+    temperature: list[float] = field(default_factory=lambda: [0.8])
+
+
+@dataclass
+class ArithConfig(DatasetConfig):
+    """The embedded synthetic multi-step arithmetic task (irpo/tasks/arith.py)."""
+
+    name: str = "arith"
+    data_seed: int = 1234
+    pretrain_size: int = 20000
+    min_ops: int = 2
+    max_ops: int = 5
+    max_operand: int = 20
+    max_value: int = 999  # every intermediate result stays in [0, max_value]
+
+
+@dataclass
+class HubTaskConfig(DatasetConfig):
+    """A real benchmark read from a local copy or the Hugging Face hub."""
+
+    hub_name: str | None = None
+    hub_config: str | None = None
+    num_shots: int = 0
+
+
+# ----------------------------------------------------------------------- method
+
+
+@dataclass
+class MethodConfig:
+    """A method is a data policy plus loss weights (DESIGN.md §1)."""
+
+    name: str = MISSING
+    data: str = "pairs"  # gold | correct | pairs
+    dpo: bool = True  # include the DPO term
+    nll: bool = True  # include the length-normalised NLL of the winner
+    data_multiplier: int = 1  # 2 for the "2x data in one iteration" controls
+
+
+# ------------------------------------------------------------------------ model
+
+
+@dataclass
+class ModelConfig:
+    """``path`` = an HF checkpoint directory or hub name; ``builtin`` = build one here."""
+
+    name: str = MISSING
+    path: str | None = None
+    builtin: str | None = None  # "tiny": the embedded Llama, pre-trained on first use
+    dtype: str = "float32"
+    # Architecture of the built-in model (ignored for ``path``).
+    hidden_size: int = 128
+    num_layers: int = 4
+    num_heads: int = 4  # head_dim = hidden_size / num_heads must be >= 32 for vLLM
+    intermediate_size: int = 512
+    vocab_size: int = 512
+    max_position_embeddings: int = 256
+    # Pre-training of the built-in model on the task's pre-training split.
+    pretrain_steps: int = 1500
+    pretrain_batch_size: int = 64
+    pretrain_lr: float = 3e-3
+    pretrain_seed: int = 0
+
+
+# ---------------------------------------------------------------------- sampler
+
+
+@dataclass
+class SamplerConfig:
+    name: str = MISSING
+    batch_size: int = 64  # prompts per generate call (each expanded to N samples)
+    top_p: float = 1.0
+
+
+@dataclass
+class VLLMSamplerConfig(SamplerConfig):
+    tensor_parallel_size: int = 1
+    dtype: str = "auto"
+    gpu_memory_utilization: float = 0.9
+    max_model_len: int | None = None
+    enforce_eager: bool = False
+    return_logprobs: bool = False
+
+
+# ---------------------------------------------------------------------- trainer
+
+
+@dataclass
+class TrainerConfig:
+    name: str = MISSING
+    lr: float = 7e-7
+    weight_decay: float = 0.0
+    batch_size: int = 16  # pairs (or sequences) per optimiser step
+    grad_accum: int = 1  # micro-batches per step; micro-batch = batch_size / grad_accum
+    epochs: float = 1.0
+    max_steps: int | None = None
+    warmup_ratio: float = 0.1
+    schedule: str = "linear"  # linear | cosine | constant
+    max_grad_norm: float = 1.0
+    checkpoints: int = 1  # checkpoints per iteration; >1 -> keep best on validation
+    log_every: int = 1
+
+
+@dataclass
+class DeepSpeedTrainerConfig(TrainerConfig):
+    zero_stage: int = 3
+    num_processes: int = 2
+    backend: str = "auto"  # nccl on GPUs, gloo on CPUs
+
+
+# ------------------------------------------------------------------------- eval
+
+
+@dataclass
+class EvalConfig:
+    maj_k: int = 8  # samples per test prompt for majority voting (0 disables)
+    maj_temperature: float = 0.7
+    batch_size: int = 128
+
+
+# --------------------------------------------------------------------- tracking
+
+
+@dataclass
+class TrackingConfig:
+    backend: str = "mlflow"  # mlflow | none
+    tracking_uri: str | None = None  # None -> sqlite store under output_root
+    experiment_name: str = "irpo"
+
+
+# ------------------------------------------------------------------------- root
+
+
+@dataclass
+class Config:
+    dataset: Any = MISSING
+    method: MethodConfig = MISSING
+    model: ModelConfig = MISSING
+    sampler: Any = MISSING
+    trainer: Any = MISSING
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    # Top-level knobs (the ones a sweep varies).
+    beta: float = 0.1
+    alpha: float = 1.0
+    iterations: int = 3
+    seed: int = 0
+    samples_per_prompt: int = 30
+    pairs_per_prompt: int = 10
+    temperature: list[float] = field(default_factory=lambda: [0.8])
+    max_pairs: int | None = None  # cap on pairs per iteration (None: no cap)
+    output_root: str = "outputs"
+    cache_dir: str = "outputs/cache"
+    run_name: str | None = None  # prefix of the run directory (None: dataset-method)
+
+
+_SCHEMAS: dict[str, dict[str, type]] = {
+    "dataset": {"arith_schema": ArithConfig, "hub_schema": HubTaskConfig},
+    "method": {"method_schema": MethodConfig},
+    "model": {"model_schema": ModelConfig},
+    "sampler": {"hf_schema": SamplerConfig, "vllm_schema": VLLMSamplerConfig},
+    "trainer": {"torch_schema": TrainerConfig, "deepspeed_schema": DeepSpeedTrainerConfig},
+    "eval": {"eval_schema": EvalConfig},
+    "tracking": {"tracking_schema": TrackingConfig},
+}
+
+
+def register_configs() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="config_schema", node=Config)
+    for group, schemas in _SCHEMAS.items():
+        for name, node in schemas.items():
+            cs.store(group=group, name=name, node=node)
+
+
+def to_config(cfg: DictConfig) -> Config:
+    """Resolve interpolations and return typed dataclasses (Hydra's own keys dropped)."""
+    cfg = OmegaConf.masked_copy(cfg, [k for k in cfg.keys() if k != "hydra"])
+    obj = OmegaConf.to_object(cfg)
+    assert isinstance(obj, Config)
+    return obj
+
+
+class ConfigError(ValueError):
+    """A configuration that composes but cannot run; the message names the key."""
+
+
+def validate(cfg: Config) -> None:
+    """Cross-field rules the schemas cannot express. Raises ConfigError."""
+    m = cfg.method
+    checks: list[tuple[bool, str]] = [
+        (
+            m.data in ("gold", "correct", "pairs"),
+            f"method.data={m.data!r} must be gold, correct or pairs",
+        ),
+        (
+            not (m.dpo and m.data != "pairs"),
+            f"method={m.name}: the DPO term needs data=pairs, got data={m.data}",
+        ),
+        (m.dpo or m.nll, f"method={m.name}: neither the DPO nor the NLL term is enabled"),
+        (
+            not (m.name == "dpo" and cfg.alpha != 0),
+            f"method=dpo is DPO without the NLL term but alpha={cfg.alpha}; "
+            "use method=rpo for alpha>0 (or set alpha=0)",
+        ),
+        (cfg.alpha >= 0, f"alpha={cfg.alpha} must be >= 0"),
+        (cfg.beta > 0, f"beta={cfg.beta} must be > 0"),
+        (cfg.iterations >= 1, f"iterations={cfg.iterations} must be >= 1"),
+        (cfg.samples_per_prompt >= 1, f"samples_per_prompt={cfg.samples_per_prompt} must be >= 1"),
+        (cfg.pairs_per_prompt >= 1, f"pairs_per_prompt={cfg.pairs_per_prompt} must be >= 1"),
+        (len(cfg.temperature) >= 1, "temperature must list at least one value"),
+        (all(t >= 0 for t in cfg.temperature), f"temperature={cfg.temperature} must be >= 0"),
+        (m.data_multiplier in (1, 2), f"method.data_multiplier={m.data_multiplier} must be 1 or 2"),
+        (
+            cfg.trainer.batch_size % cfg.trainer.grad_accum == 0,
+            f"trainer.batch_size={cfg.trainer.batch_size} must be divisible by "
+            f"trainer.grad_accum={cfg.trainer.grad_accum}",
+        ),
+        (cfg.trainer.checkpoints >= 1, f"trainer.checkpoints={cfg.trainer.checkpoints} must be >= 1"),
+        (
+            cfg.trainer.schedule in ("linear", "cosine", "constant"),
+            f"trainer.schedule={cfg.trainer.schedule!r} must be linear, cosine or constant",
+        ),
+        (
+            (cfg.model.path is None) != (cfg.model.builtin is None),
+            "model: set exactly one of model.path (a checkpoint) and model.builtin",
+        ),
+        (
+            cfg.tracking.backend in ("mlflow", "none"),
+            f"tracking.backend={cfg.tracking.backend!r} must be mlflow or none",
+        ),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+
+
+def temperature_at(cfg: Config, iteration: int) -> float:
+    """Sampling temperature of iteration ``iteration`` (1-based); the list's last value repeats."""
+    return cfg.temperature[min(iteration, len(cfg.temperature)) - 1]
