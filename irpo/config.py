@@ -84,6 +84,9 @@ class ModelConfig:
     path: str | None = None
     builtin: str | None = None  # "tiny": the embedded Llama, pre-trained on first use
     dtype: str = "float32"
+    # Learning rate that suits this model's scale; trainer.lr defaults to it
+    # (paper: 7e-7 for Llama-2-70B-Chat; a small model built here needs far more).
+    lr: float = 7e-7
     # Architecture of the built-in model (ignored for ``path``).
     hidden_size: int = 128
     num_layers: int = 4

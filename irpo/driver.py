@@ -1,0 +1,209 @@
+"""The iteration loop: M0 -> (sample -> label -> data -> train -> eval) x T.
+
+Every stage hands off to the next through files in the run directory (see
+irpo.rundir), so a rerun of the same command resumes at the first unfinished
+stage. Iteration 0 only evaluates M0. Called by irpo.main; usable directly:
+
+    from irpo.driver import run
+    summary = run(cfg, raw_dictconfig)
+"""
+
+from __future__ import annotations
+
+import logging
+import resource
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from irpo.builtin_model import ensure_builtin_model
+from irpo.config import Config, temperature_at
+from irpo.evaluate import evaluate
+from irpo.pairs import NoTrainingData, build_examples
+from irpo.rundir import RunDir, read_jsonl, write_jsonl
+from irpo.sampling import build_sampler
+from irpo.summary import iteration_rows, render_table
+from irpo.tasks import Example, Task, build_task
+from irpo.tracking import Tracker, build_tracker
+from irpo.training import get_trainer
+
+log = logging.getLogger(__name__)
+
+
+class StageError(RuntimeError):
+    """A stage could not produce its output; the message says which and why."""
+
+
+@dataclass
+class Context:
+    cfg: Config
+    task: Task
+    run: RunDir
+    tracker: Tracker
+    splits: dict[str, list[Example]]
+    _sampler: tuple[Path, object] | None = field(default=None, repr=False)
+
+    def sampler(self, model_path: Path):
+        """One sampler per model: eval of M(t-1) and sampling from it share an engine."""
+        if self._sampler is None or self._sampler[0] != model_path:
+            self.close_sampler()
+            self._sampler = (model_path, build_sampler(self.cfg.sampler, model_path, self.cfg.model.dtype))
+        return self._sampler[1]
+
+    def close_sampler(self) -> None:
+        if self._sampler is not None:
+            self._sampler[1].close()
+            self._sampler = None
+
+
+def initial_model(cfg: Config) -> Path:
+    if cfg.model.builtin is not None:
+        return ensure_builtin_model(cfg.model, cfg.dataset, Path(cfg.cache_dir))
+    path = Path(cfg.model.path)
+    if not (path / "config.json").is_file():
+        raise StageError(f"model.path={cfg.model.path}: no Hugging Face checkpoint there "
+                         "(config.json missing); point it at a save_pretrained directory")
+    return path
+
+
+def stage_sample(ctx: Context, t: int, model: Path, out: Path) -> dict:
+    cfg = ctx.cfg
+    n = cfg.samples_per_prompt * cfg.method.data_multiplier
+    temp = temperature_at(cfg, t)
+    examples = ctx.splits["train"]
+    gens = ctx.sampler(model).generate([e.prompt for e in examples], n, temp,
+                                       cfg.dataset.max_new_tokens, cfg.seed * 1000 + t,
+                                       desc=f"iter {t} sampling")
+    records = [{"id": e.id, "prompt": e.prompt, "gold_answer": e.gold_answer, "gold_cot": e.gold_cot,
+                "samples": [{"text": g.text, "num_tokens": g.num_tokens, "finished": g.finished}
+                            for g in gs]} for e, gs in zip(examples, gens)]
+    write_jsonl(out / "samples.jsonl", records)
+    tokens = sum(s["num_tokens"] for r in records for s in r["samples"])
+    unfinished = sum(not s["finished"] for r in records for s in r["samples"])
+    return {"prompts": len(records), "samples": len(records) * n, "temperature": temp,
+            "tokens_sampled": tokens, "unfinished": unfinished}
+
+
+def stage_label(ctx: Context, t: int, out: Path) -> dict:
+    from tqdm.auto import tqdm
+
+    records = read_jsonl(ctx.run.stage_dir(t, "sample") / "samples.jsonl")
+    correct = total = both = 0
+    for r in tqdm(records, desc=f"iter {t} labelling", unit="prompt"):
+        for s in r["samples"]:
+            s["correct"] = ctx.task.is_correct(s["text"], r["gold_answer"])
+        flags = [s["correct"] for s in r["samples"]]
+        correct += sum(flags)
+        total += len(flags)
+        both += any(flags) and not all(flags)
+    write_jsonl(out / "labelled.jsonl", records)
+    return {"frac_correct": correct / max(total, 1), "prompts_with_both": both}
+
+
+def stage_data(ctx: Context, t: int, out: Path) -> dict:
+    cfg = ctx.cfg
+    if cfg.method.data == "gold":
+        records = [{"id": e.id, "prompt": e.prompt, "gold_cot": e.gold_cot, "samples": []}
+                   for e in ctx.splits["train"]]
+    else:
+        records = read_jsonl(ctx.run.stage_dir(t, "label") / "labelled.jsonl")
+    try:
+        examples, stats = build_examples(
+            records, cfg.method.data, cfg.pairs_per_prompt * cfg.method.data_multiplier,
+            add_gold_to_winners=cfg.dataset.add_gold_to_winners, max_examples=cfg.max_pairs,
+            seed=cfg.seed * 1000 + t)
+    except NoTrainingData as e:
+        raise StageError(f"iteration {t}, stage 'data' ({ctx.run.path}): {e}") from None
+    write_jsonl(out / "train.jsonl", examples)
+    return {f"data_{k}": v for k, v in stats.as_dict().items()}
+
+
+def stage_train(ctx: Context, t: int, init: Path, out: Path) -> dict:
+    cfg = ctx.cfg
+    examples = read_jsonl(ctx.run.stage_dir(t, "data") / "train.jsonl")
+    offset = sum(ctx.run.done_info(i, "train")["steps"] for i in range(1, t))
+    info = get_trainer(cfg.trainer.name)(cfg, init, examples, out, ctx.tracker.log_metrics,
+                                         offset, cfg.seed * 1000 + t)
+    ckpts = [out / name for name in info["checkpoints"]]
+    best, scores = ckpts[-1], {}
+    if len(ckpts) > 1:  # keep the checkpoint with the best validation accuracy
+        for ck in ckpts:
+            m = evaluate(ctx.task, ctx.sampler(ck), ctx.splits["valid"],
+                         max_new_tokens=cfg.dataset.max_new_tokens, maj_k=0,
+                         maj_temperature=0.0, seed=cfg.seed, prefix="valid")
+            scores[ck.name] = m["valid/accuracy"]
+        ctx.close_sampler()
+        best = max(ckpts, key=lambda c: scores[c.name])  # first of equals: earliest step
+    best.rename(out / "model")
+    for ck in ckpts:
+        shutil.rmtree(ck, ignore_errors=True)
+    return {**info, "selected": best.name, "valid_scores": scores}
+
+
+def stage_eval(ctx: Context, t: int, model: Path, out: Path) -> dict:
+    cfg = ctx.cfg
+    metrics = evaluate(ctx.task, ctx.sampler(model), ctx.splits["test"],
+                       max_new_tokens=cfg.dataset.max_new_tokens, maj_k=cfg.eval.maj_k,
+                       maj_temperature=cfg.eval.maj_temperature, seed=cfg.seed, prefix="test",
+                       out_file=out / "predictions.jsonl")
+    ctx.tracker.log_metrics(metrics, t)
+    return metrics
+
+
+def _stage(ctx: Context, t: int, name: str, fn) -> dict:
+    _, info = ctx.run.run_stage(t, name, fn)
+    if not info["skipped"]:
+        numeric = {(k if "/" in k else f"{name}/{k}"): v for k, v in info.items()
+                   if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        ctx.tracker.log_metrics(numeric, t)
+    return info
+
+
+def iterate(ctx: Context, m0: Path) -> None:
+    cfg = ctx.cfg
+    _stage(ctx, 0, "eval", lambda out: stage_eval(ctx, 0, m0, out))
+    model = m0
+    for t in range(1, cfg.iterations + 1):
+        if cfg.method.data != "gold":
+            _stage(ctx, t, "sample", lambda out: stage_sample(ctx, t, model, out))
+            _stage(ctx, t, "label", lambda out: stage_label(ctx, t, out))
+        _stage(ctx, t, "data", lambda out: stage_data(ctx, t, out))
+        _stage(ctx, t, "train", lambda out: stage_train(ctx, t, model, out))
+        model = ctx.run.stage_dir(t, "train") / "model"
+        _stage(ctx, t, "eval", lambda out: stage_eval(ctx, t, model, out))
+
+
+def run(cfg: Config, raw: DictConfig) -> dict:
+    """Run (or resume) one experiment; returns its summary."""
+    task = build_task(cfg.dataset)
+    name = cfg.run_name or f"{cfg.dataset.name}-{cfg.method.name}"
+    run_dir = RunDir.for_config(raw, cfg.output_root, name)
+    log.info("run directory: %s", run_dir.path)
+    splits = {s: task.load_split(s) for s in ("train", "valid", "test")}
+    resolved = OmegaConf.to_container(OmegaConf.masked_copy(raw, [k for k in raw if k != "hydra"]),
+                                      resolve=True)
+    tracker = build_tracker(cfg, run_dir.path, resolved)
+    ctx = Context(cfg, task, run_dir, tracker, splits)
+    try:
+        m0 = initial_model(cfg)
+        iterate(ctx, m0)
+    except BaseException:
+        tracker.finish("FAILED")
+        raise
+    finally:
+        ctx.close_sampler()
+    rows = iteration_rows(run_dir, cfg.iterations)
+    table = render_table(rows, cfg.eval.maj_k)
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    (run_dir.path / "summary.md").write_text(table + f"\n\npeak RSS: {peak_mb:.0f} MiB\n")
+    tracker.log_metrics({"peak_rss_mb": peak_mb}, cfg.iterations)
+    for f in ("config.yaml", "summary.md"):
+        tracker.log_artifact(run_dir.path / f)
+    tracker.finish()
+    print("\n" + table + f"\n\npeak RSS {peak_mb:.0f} MiB; run directory {run_dir.path}")
+    if tracker.ui_hint:
+        print(f"MLflow: {tracker.ui_hint}")
+    final = rows[-1]
+    return {"final_test_accuracy": final["test_acc"], "rows": rows, "run_dir": str(run_dir.path)}

@@ -1,0 +1,41 @@
+"""Entry point: ``python -m irpo.main [overrides]`` (Hydra app over conf/).
+
+Composes the config, converts it to the typed schemas of irpo.config (a
+misspelt key or wrong type fails here, before anything runs), checks the
+cross-field rules, and runs or resumes the experiment. With ``-m`` every sweep
+point is one experiment, e.g.
+
+    python -m irpo.main -m method=rpo,dpo beta=0.05,0.1,0.5
+
+Returns the final test accuracy, so Hydra sweepers can optimise it.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import hydra
+from omegaconf import DictConfig
+
+from irpo.config import ConfigError, register_configs, to_config, validate
+
+log = logging.getLogger("irpo")
+register_configs()
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+def main(raw: DictConfig) -> float:
+    from irpo.driver import StageError, run  # heavy imports after composition succeeded
+
+    try:
+        cfg = to_config(raw)
+        validate(cfg)
+        return run(cfg, raw)["final_test_accuracy"]
+    except (ConfigError, StageError) as e:
+        log.error("%s", e)
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()

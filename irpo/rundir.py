@@ -1,0 +1,119 @@
+"""Run directories and resumable stages.
+
+A run directory is named by a hash of the resolved config (minus keys that do
+not change results, such as tracking and output paths), so rerunning the same
+command finds the same directory and a changed config gets its own.
+
+Each stage writes its artifacts into ``<stage>.tmp/``, which is renamed to
+``<stage>/`` when complete, and then a ``DONE`` marker holding the stage's
+small JSON summary. A rerun skips every stage with a marker and redoes the
+first one without (discarding any partial ``.tmp``), so a killed or pre-empted
+run loses at most the stage it was in.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import signal
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger(__name__)
+
+# Keys that do not change what a run computes: where it is logged or stored.
+NON_SEMANTIC_KEYS = ("hydra", "tracking", "output_root", "cache_dir", "run_name")
+
+# Debugging hook used by the resume tests: kill this process with SIGKILL right
+# after the named stage (for example "iter1/sample") is marked done.
+KILL_AFTER_ENV = "IRPO_KILL_AFTER_STAGE"
+
+
+def config_hash(raw: DictConfig) -> str:
+    keep = [k for k in raw.keys() if k not in NON_SEMANTIC_KEYS]
+    resolved = OmegaConf.to_container(OmegaConf.masked_copy(raw, keep), resolve=True)
+    blob = json.dumps(resolved, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:10]
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=float))
+    os.replace(tmp, path)
+
+
+def write_jsonl(path: Path, records: list[dict]) -> None:
+    with open(path, "w") as f:
+        for r in records:
+            f.write(json.dumps(r) + "\n")
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    out = []
+    with open(path) as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+    return out
+
+
+class RunDir:
+    """The on-disk state of one experiment (one sweep point)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    @classmethod
+    def for_config(cls, raw: DictConfig, output_root: str, name: str) -> RunDir:
+        path = Path(output_root).resolve() / "runs" / f"{name}-{config_hash(raw)}"
+        path.mkdir(parents=True, exist_ok=True)
+        config_file = path / "config.yaml"
+        if not config_file.exists():
+            keep = [k for k in raw.keys() if k != "hydra"]
+            OmegaConf.save(OmegaConf.masked_copy(raw, keep), config_file, resolve=True)
+        return cls(path)
+
+    def stage_dir(self, iteration: int, stage: str) -> Path:
+        return self.path / f"iter{iteration}" / stage
+
+    def done_info(self, iteration: int, stage: str) -> dict | None:
+        marker = self.stage_dir(iteration, stage) / "DONE"
+        return json.loads(marker.read_text()) if marker.exists() else None
+
+    def run_stage(
+        self, iteration: int, stage: str, fn: Callable[[Path], dict]
+    ) -> tuple[Path, dict]:
+        """Run ``fn(tmp_dir) -> info`` unless the stage is already done.
+
+        Returns the stage's final directory and its info (with ``wall_s`` and
+        ``skipped``).
+        """
+        final = self.stage_dir(iteration, stage)
+        info = self.done_info(iteration, stage)
+        if info is not None:
+            log.info("iteration %d %s: done already, skipped", iteration, stage)
+            return final, {**info, "skipped": True}
+        tmp = final.with_name(final.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        log.info("iteration %d %s: starting", iteration, stage)
+        t0 = time.perf_counter()
+        info = dict(fn(tmp))
+        info["wall_s"] = round(time.perf_counter() - t0, 3)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        write_json_atomic(final / "DONE", info)
+        log.info("iteration %d %s: done in %.1f s", iteration, stage, info["wall_s"])
+        if os.environ.get(KILL_AFTER_ENV) == f"iter{iteration}/{stage}":
+            os.kill(os.getpid(), signal.SIGKILL)
+        return final, {**info, "skipped": False}

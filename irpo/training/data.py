@@ -1,0 +1,75 @@
+"""Training examples as token ids, and padded batches for the forward pass.
+
+An example is a prompt and a chosen response, plus a rejected one for
+preference methods. Prompt and responses are tokenized separately and
+concatenated (irpo.modeling's convention, shared with the samplers), and the
+prompt positions are masked out of the labels, so log-probs cover exactly the
+response tokens: chain of thought, answer and EOS.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from irpo.modeling import encode_prompt, encode_response
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class TokenizedExample:
+    prompt: list[int]
+    chosen: list[int]
+    rejected: list[int] | None = None
+
+
+def tokenize_examples(tokenizer, examples: list[dict], max_length: int) -> tuple[list[TokenizedExample], int]:
+    """Tokenize ``{"prompt", "chosen"[, "rejected"]}`` records.
+
+    Responses that would overflow ``max_length`` are cut from the right (the
+    count is returned so the caller can report it); a prompt that alone leaves
+    no room for a response is an error naming the example.
+    """
+    out, truncated = [], 0
+    for i, ex in enumerate(examples):
+        prompt = encode_prompt(tokenizer, ex["prompt"])
+        room = max_length - len(prompt)
+        if room < 2:
+            raise ValueError(
+                f"training example {i} (id={ex.get('id')}): prompt is {len(prompt)} tokens, "
+                f"leaving no room under the model's max length {max_length}"
+            )
+        responses = []
+        for key in ("chosen", "rejected"):
+            if ex.get(key) is None:
+                responses.append(None)
+                continue
+            ids = encode_response(tokenizer, ex[key])
+            truncated += len(ids) > room
+            responses.append(ids[:room])
+        out.append(TokenizedExample(prompt, responses[0], responses[1]))
+    return out, truncated
+
+
+def collate(sequences: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad (prompt, response) id lists into input_ids, attention_mask, labels."""
+    width = max(len(p) + len(r) for p, r in sequences)
+    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(sequences), width), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, (p, r) in enumerate(sequences):
+        n = len(p) + len(r)
+        input_ids[row, :n] = torch.tensor(p + r)
+        labels[row, len(p):n] = torch.tensor(r)
+        mask[row, :n] = 1
+    return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+
+
+def pair_batch(examples: list[TokenizedExample], pad_id: int) -> dict[str, torch.Tensor]:
+    """Chosen rows first, then rejected rows (if any), in one batch: one forward pass."""
+    seqs = [(e.prompt, e.chosen) for e in examples]
+    if examples[0].rejected is not None:
+        seqs += [(e.prompt, e.rejected) for e in examples]
+    return collate(seqs, pad_id)

@@ -1,0 +1,144 @@
+"""The one-process PyTorch trainer (``trainer=torch``).
+
+One training stage: M(t) starts from M(t-1), which is also the reference.
+Reference log-probs are computed once up front; each optimiser step then does
+one forward of chosen and rejected responses together, the DPO + alpha*NLL
+loss of irpo.losses, gradient accumulation, clipping, AdamW, and a warm-up
+then decay schedule from ``transformers.get_scheduler``. Checkpoints are saved
+at evenly spaced steps; the caller picks the best on validation.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Callable
+
+import torch
+from tqdm.auto import tqdm
+from transformers import get_scheduler
+
+from irpo.losses import preference_loss
+from irpo.modeling import load_model
+from irpo.training.data import pair_batch, tokenize_examples
+from irpo.training.logprobs import batch_logprobs, reference_logprobs
+
+log = logging.getLogger(__name__)
+
+MetricsFn = Callable[[dict[str, float], int], None]
+
+
+def plan_steps(num_examples: int, tcfg) -> int:
+    steps = math.ceil(num_examples * tcfg.epochs / tcfg.batch_size)
+    if tcfg.max_steps is not None:
+        steps = min(steps, tcfg.max_steps) if tcfg.epochs > 0 else tcfg.max_steps
+    return max(1, steps)
+
+
+def checkpoint_steps(total: int, count: int) -> list[int]:
+    """``count`` evenly spaced steps ending at ``total`` (deduplicated)."""
+    return sorted({max(1, round(total * (i + 1) / count)) for i in range(count)})
+
+
+def batch_order(n: int, steps: int, batch_size: int, seed: int) -> list[list[int]]:
+    """Indices of each step's batch: seeded reshuffle every epoch, no example twice per epoch."""
+    g = torch.Generator().manual_seed(seed)
+    order: list[int] = []
+    while len(order) < steps * batch_size:
+        order += torch.randperm(n, generator=g).tolist()
+    return [order[i * batch_size : (i + 1) * batch_size] for i in range(steps)]
+
+
+def step_loss(model, micro, refs, cfg, pad_id: int, scale: float):
+    """Forward + backward of one micro-batch; returns its LossOutput."""
+    logps, lengths = batch_logprobs(model, pair_batch(micro, pad_id))
+    b = len(micro)
+    kwargs = {}
+    if cfg.method.dpo:
+        kwargs = dict(policy_rejected=logps[b:], ref_chosen=refs[0], ref_rejected=refs[1])
+    out = preference_loss(
+        logps[:b], lengths[:b], cfg.beta, cfg.alpha if cfg.method.dpo else 1.0,
+        dpo_weight=1.0 if cfg.method.dpo else 0.0, **kwargs,
+    )
+    (out.loss * scale).backward()
+    return out, logps, b
+
+
+def train(cfg, init_path: Path, examples: list[dict], out_dir: Path,
+          log_metrics: MetricsFn, step_offset: int, seed: int) -> dict:
+    """Train on ``examples``; save checkpoints under ``out_dir/ckpt-<step>``.
+
+    Returns the stage summary: steps, checkpoint paths, and end-of-training
+    log-prob changes of chosen and rejected responses against the reference.
+    """
+    tcfg = cfg.trainer
+    torch.manual_seed(seed)
+    model, tokenizer = load_model(init_path, cfg.model.dtype)
+    pad_id = tokenizer.pad_token_id
+    toks, truncated = tokenize_examples(tokenizer, examples, model.config.max_position_embeddings)
+    if truncated:
+        log.warning("%d responses were cut to the model's max length", truncated)
+    refs_all = None
+    if cfg.method.dpo:
+        refs_all = reference_logprobs(model, toks, pad_id, tcfg.batch_size)
+    model.train()
+    steps = plan_steps(len(toks), tcfg)
+    save_at = checkpoint_steps(steps, tcfg.checkpoints)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay)
+    scheduler = get_scheduler(
+        "constant_with_warmup" if tcfg.schedule == "constant" else tcfg.schedule, optimizer,
+        num_warmup_steps=int(tcfg.warmup_ratio * steps), num_training_steps=steps,
+    )
+    micro_size = tcfg.batch_size // tcfg.grad_accum
+    history: list[dict[str, float]] = []
+    checkpoints = []
+    bar = tqdm(batch_order(len(toks), steps, tcfg.batch_size, seed), desc="training", unit="step")
+    for step, idx in enumerate(bar, 1):
+        parts = [idx[i : i + micro_size] for i in range(0, len(idx), micro_size)]
+        sums: dict[str, float] = {}
+        for part in parts:
+            micro = [toks[i] for i in part]
+            refs = (refs_all[0][part], refs_all[1][part]) if refs_all else None
+            out, logps, b = step_loss(model, micro, refs, cfg, pad_id, len(part) / len(idx))
+            _accumulate(sums, out, logps, b, refs, len(part) / len(idx))
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        metrics = {**sums, "train/grad_norm": float(grad_norm), "train/lr": scheduler.get_last_lr()[0]}
+        history.append(metrics)
+        bar.set_postfix(loss=f"{metrics['train/loss']:.4f}")
+        if step % tcfg.log_every == 0 or step == steps:
+            log_metrics(metrics, step_offset + step)
+        if step in save_at:
+            path = out_dir / f"ckpt-{step}"
+            model.save_pretrained(path, safe_serialization=True)
+            tokenizer.save_pretrained(path)
+            checkpoints.append(path)
+    return {"steps": steps, "examples": len(toks), "truncated_responses": truncated,
+            "checkpoints": [p.name for p in checkpoints], **_end_summary(history)}
+
+
+def _accumulate(sums: dict, out, logps, b: int, refs, weight: float) -> None:
+    values = {
+        "train/loss": out.loss, "train/dpo": out.dpo, "train/nll": out.nll,
+        "logps/chosen": logps[:b].mean(),
+    }
+    if refs is not None:
+        values.update({
+            "logps/rejected": logps[b:].mean(),
+            "logps/chosen_delta": (logps[:b] - refs[0]).mean(),
+            "logps/rejected_delta": (logps[b:] - refs[1]).mean(),
+            "rewards/accuracy": out.reward_accuracy, "rewards/margin": out.reward_margin,
+        })
+    for k, v in values.items():
+        sums[k] = sums.get(k, 0.0) + float(v) * weight
+
+
+def _end_summary(history: list[dict[str, float]]) -> dict[str, float]:
+    """Means over the last 10% of steps (at least one): what training ended at."""
+    tail = history[-max(1, len(history) // 10):]
+    keys = ["train/loss", "logps/chosen_delta", "logps/rejected_delta", "rewards/accuracy"]
+    return {k.split("/")[1] + "_end": sum(h[k] for h in tail) / len(tail)
+            for k in keys if k in tail[0]}
