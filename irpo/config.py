@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf, open_dict
 
 # --------------------------------------------------------------------- dataset
 
@@ -214,7 +214,10 @@ def register_configs() -> None:
 
 def to_config(cfg: DictConfig) -> Config:
     """Resolve interpolations and return typed dataclasses (Hydra's own keys dropped)."""
-    cfg = OmegaConf.masked_copy(cfg, [k for k in cfg.keys() if k != "hydra"])
+    if "hydra" in cfg:  # present only when composed with return_hydra_config=True
+        cfg = cfg.copy()
+        with open_dict(cfg):
+            del cfg["hydra"]
     obj = OmegaConf.to_object(cfg)
     assert isinstance(obj, Config)
     return obj

@@ -1,0 +1,38 @@
+"""Shared test set-up: where the real benchmark data and the built model live.
+
+The built-in model M0 is cached under outputs/test-cache (git-ignored), so it
+is pre-trained once per machine and shared by every test that needs it.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+TEST_CACHE = REPO / "outputs" / "test-cache"
+
+os.environ.setdefault("IRPO_DATA_DIR", str(SHARED_DATA))
+os.environ.setdefault("IRPO_CACHE_DIR", str(TEST_CACHE))
+
+
+def run_main(args: list[str], output_root: Path, env: dict | None = None,
+             check: bool = True, timeout: int = 900) -> subprocess.CompletedProcess:
+    """Run ``python -m irpo.main`` as a user would, in a subprocess."""
+    cmd = [sys.executable, "-m", "irpo.main", f"output_root={output_root}", *args]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n"
+                             f"{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def repo() -> Path:
+    return REPO

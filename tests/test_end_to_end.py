@@ -1,0 +1,142 @@
+"""The loop for real: a reduced default run, resuming after a kill at every
+stage, the user's sweep command, and the errors a user sees.
+
+Each test runs ``python -m irpo.main`` in a subprocess on the built-in model
+(pre-trained once, cached in outputs/test-cache).
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from conftest import run_main
+
+pytestmark = pytest.mark.slow
+SMOKE = ["experiment=smoke"]
+STAGES = ["iter0/eval", "iter1/sample", "iter1/label", "iter1/data", "iter1/train", "iter1/eval"]
+
+
+def run_dirs(root: Path) -> list[Path]:
+    return sorted(p for p in (root / "runs").iterdir() if p.is_dir())
+
+
+def mlflow_runs(root: Path) -> list[dict]:
+    """Runs in the sqlite store, with their tags, params and latest metrics."""
+    con = sqlite3.connect(root / "mlflow.db")
+    out = []
+    for (run_id, status) in con.execute("select run_uuid, status from runs"):
+        tags = dict(con.execute("select key, value from tags where run_uuid=?", (run_id,)))
+        params = dict(con.execute("select key, value from params where run_uuid=?", (run_id,)))
+        metrics = {}
+        for key, value, step in con.execute(
+                "select key, value, step from metrics where run_uuid=? order by step", (run_id,)):
+            metrics.setdefault(key, {})[step] = value
+        out.append({"status": status, "tags": tags, "params": params, "metrics": metrics})
+    return out
+
+
+def test_reduced_default_run(tmp_path):
+    proc = run_main(SMOKE, tmp_path)
+    (run,) = run_dirs(tmp_path)
+    for stage in STAGES:
+        assert (run / stage / "DONE").exists(), stage
+    samples = [json.loads(line) for line in open(run / "iter1/sample/samples.jsonl")]
+    assert len(samples) == 48 and all(len(r["samples"]) == 4 for r in samples)
+    labelled = [json.loads(line) for line in open(run / "iter1/label/labelled.jsonl")]
+    assert all(isinstance(s["correct"], bool) for r in labelled for s in r["samples"])
+    pairs = [json.loads(line) for line in open(run / "iter1/data/train.jsonl")]
+    assert pairs and all({"prompt", "chosen", "rejected"} <= set(p) for p in pairs)
+    model = run / "iter1/train/model"
+    assert (model / "config.json").exists() and (model / "model.safetensors").exists()
+    assert (model / "tokenizer.json").exists()
+    preds = [json.loads(line) for line in open(run / "iter1/eval/predictions.jsonl")]
+    assert len(preds) == 32
+    acc = json.loads((run / "iter1/eval/DONE").read_text())["test/accuracy"]
+    assert acc == pytest.approx(sum(p["correct"] for p in preds) / 32)
+    assert "| iter |" in proc.stdout and "mlflow ui --backend-store-uri sqlite:///" in proc.stdout
+
+    (mr,) = mlflow_runs(tmp_path)
+    assert mr["status"] == "FINISHED"
+    assert mr["tags"]["method"] == "rpo" and mr["tags"]["dataset"] == "arith"
+    assert mr["tags"]["beta"] == "0.1" and mr["tags"]["git_commit"]
+    assert mr["params"]["method.name"] == "rpo" and mr["params"]["samples_per_prompt"] == "4"
+    assert set(mr["metrics"]["test/accuracy"]) == {0, 1}  # step = iteration
+    assert mr["metrics"]["test/accuracy"][1] == pytest.approx(acc)
+    steps = json.loads((run / "iter1/train/DONE").read_text())["steps"]
+    for key in ("train/loss", "train/dpo", "train/nll", "logps/chosen", "logps/rejected",
+                "rewards/accuracy", "rewards/margin"):
+        assert sorted(mr["metrics"][key]) == list(range(1, steps + 1)), key
+
+
+def test_resume_after_kill_at_every_stage(tmp_path):
+    """Kill the process (SIGKILL) right after each stage in turn; every rerun
+    resumes, skips what is done, and the end result equals an uninterrupted run."""
+    root = tmp_path / "killed"
+    for i, stage in enumerate(STAGES[:-1]):
+        proc = run_main(SMOKE + ["tracking=none"], root, env={"IRPO_KILL_AFTER_STAGE": stage},
+                        check=False)
+        assert proc.returncode == -9, proc.stderr[-3000:]
+        (run,) = run_dirs(root)
+        assert (run / stage / "DONE").exists()
+        assert not (run / STAGES[i + 1] / "DONE").exists()
+        for done in STAGES[:i]:  # finished before this attempt: not redone
+            assert f"iteration {done[4]} {done.split('/')[1]}: done already, skipped" in proc.stderr
+    proc = run_main(SMOKE + ["tracking=none"], root)
+    (run,) = run_dirs(root)
+    assert proc.stderr.count("done already, skipped") == len(STAGES) - 1
+
+    clean = tmp_path / "clean"
+    run_main(SMOKE + ["tracking=none"], clean)
+    (ref,) = run_dirs(clean)
+    assert run.name == ref.name  # same config -> same run directory name
+    for f in ("iter1/sample/samples.jsonl", "iter1/label/labelled.jsonl",
+              "iter1/data/train.jsonl", "iter1/eval/predictions.jsonl"):
+        assert (run / f).read_text() == (ref / f).read_text(), f
+
+
+def test_changed_config_gets_its_own_run_dir(tmp_path):
+    run_main(SMOKE + ["tracking=none", "iterations=1"], tmp_path)
+    proc = run_main(SMOKE + ["tracking=none", "beta=0.5"], tmp_path)
+    assert len(run_dirs(tmp_path)) == 2
+    assert "skipped" not in proc.stderr
+
+
+def test_users_sweep_command(tmp_path):
+    """python -m irpo.main -m method=rpo,dpo beta=0.05,0.1,0.5 (small sizes): 6 runs."""
+    run_main(["-m", "method=rpo,dpo", "beta=0.05,0.1,0.5"] + SMOKE, tmp_path, timeout=1800)
+    runs = mlflow_runs(tmp_path)
+    assert len(runs) == 6 and all(r["status"] == "FINISHED" for r in runs)
+    got = sorted((r["tags"]["method"], float(r["tags"]["beta"])) for r in runs)
+    assert got == sorted((m, b) for m in ("rpo", "dpo") for b in (0.05, 0.1, 0.5))
+    for r in runs:
+        assert float(r["params"]["alpha"]) == (0.0 if r["tags"]["method"] == "dpo" else 1.0)
+        assert set(r["metrics"]["test/accuracy"]) == {0, 1}
+    assert len(run_dirs(tmp_path)) == 6
+
+
+def test_contradictory_config_fails_before_running(tmp_path):
+    proc = run_main(["method=dpo", "alpha=0.5"], tmp_path, check=False)
+    assert proc.returncode != 0
+    assert "method=dpo is DPO without the NLL term but alpha=0.5" in proc.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_missing_checkpoint_is_named(tmp_path):
+    proc = run_main(SMOKE + ["tracking=none", "model.builtin=null", f"model.path={tmp_path}/nope"],
+                    tmp_path, check=False)
+    assert proc.returncode != 0
+    assert f"model.path={tmp_path}/nope" in proc.stderr
+
+
+def test_zero_pairs_names_the_stage(tmp_path):
+    """One sample per prompt can never give a (winner, loser) pair."""
+    proc = run_main(SMOKE + ["tracking=none", "samples_per_prompt=1"], tmp_path, check=False)
+    assert proc.returncode != 0
+    assert "iteration 1, stage 'data'" in proc.stderr
+    assert "only winners" in proc.stderr or "only_winners" in proc.stderr
+    (run,) = run_dirs(tmp_path)
+    assert (run / "iter1/label/DONE").exists()  # finished stages are kept
