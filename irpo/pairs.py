@@ -1,0 +1,198 @@
+"""Labelled samples -> training examples, one data policy per method.
+
+The "label" stage writes one record per training prompt::
+
+    {"id": str, "prompt": str, "gold_cot": str | None,
+     "samples": [{"text": str, "correct": bool}, ...]}
+
+and the "pair" stage turns them into the examples the trainer reads::
+
+    examples, stats = build_examples(records, method.data, cfg.pairs_per_prompt,
+                                     add_gold_to_winners=cfg.dataset.add_gold_to_winners,
+                                     max_examples=cfg.max_pairs, seed=cfg.seed)
+
+``data`` is the method's data policy (DESIGN.md §1):
+
+- ``"pairs"`` (dpo, rpo): K (winner, loser) pairs per prompt, winners = distinct
+  correct samples (plus the gold CoT, first, when configured), losers = distinct
+  incorrect samples, paired by :func:`wraparound_pairs` -> ``{id, prompt, chosen, rejected}``;
+- ``"correct"`` (STaR): up to K distinct correct samples -> ``{id, prompt, chosen}``;
+  self-generated only, so ``add_gold_to_winners`` does not apply;
+- ``"gold"`` (SFT): the gold CoT of every prompt -> ``{id, prompt, chosen}``.
+
+Everything random is seeded from ``seed`` and the record id with string seeds
+(hashed by ``random`` with SHA-512, not ``hash()``), so the output is the same
+for the same inputs in any process, whatever PYTHONHASHSEED is.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import asdict, dataclass
+
+DATA_POLICIES = ("pairs", "correct", "gold")
+
+
+class NoTrainingData(RuntimeError):
+    """build_examples produced zero examples; the message says why and what to change."""
+
+
+def wraparound_pairs(winners: list[str], losers: list[str], k: int) -> list[tuple[str, str]]:
+    """K pairs walking both lists together, restarting a list from its top when it runs out.
+
+    Pair i = (winners[i % len(winners)], losers[i % len(losers)]) for i = 0..k-1, so
+    every winner and every loser is used before any is reused; [] if either list is empty.
+    """
+    if k < 0:
+        raise ValueError(f"wraparound_pairs: k={k} must be >= 0")
+    if not winners or not losers:
+        return []
+    return [(winners[i % len(winners)], losers[i % len(losers)]) for i in range(k)]
+
+
+@dataclass
+class DataStats:
+    """Counts of one build_examples call, for logging and for the NoTrainingData message.
+
+    The skip counts are exclusive: a prompt with no candidates at all is counted in
+    ``no_samples`` only, one with only winners in ``only_winners``, one with only
+    losers in ``only_losers``. ``used_prompts`` counts prompts with at least one
+    example left after the ``max_examples`` cap.
+    """
+
+    prompts: int = 0
+    used_prompts: int = 0
+    examples: int = 0
+    only_winners: int = 0  # prompts skipped: winners but no losers
+    only_losers: int = 0  # prompts skipped: losers but no winners
+    no_samples: int = 0  # prompts skipped: no sample (and no gold winner) at all
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def _distinct(texts: list[str]) -> list[str]:
+    """Exact-duplicate removal that keeps first-seen order (set order would depend on hashing)."""
+    return list(dict.fromkeys(texts))
+
+
+def _candidates(record: dict, seed: int) -> tuple[list[str], list[str]]:
+    """Distinct correct and incorrect sample texts of one record, each shuffled.
+
+    The shuffle decouples which samples are used from the order the sampler
+    returned them in; seeding by (seed, id) keeps a prompt's choice stable when
+    other prompts are added or removed.
+    """
+    samples = record.get("samples") or []
+    winners = _distinct([s["text"] for s in samples if s["correct"]])
+    losers = _distinct([s["text"] for s in samples if not s["correct"]])
+    rng = random.Random(f"{seed}:{record['id']}")
+    rng.shuffle(winners)
+    rng.shuffle(losers)
+    return winners, losers
+
+
+def _gold(record: dict, why: str) -> str:
+    gold = record.get("gold_cot")
+    if not gold:
+        raise ValueError(f"record {record.get('id')!r} has no gold_cot, which {why} needs")
+    return gold
+
+
+def _skip(stats: DataStats, has_winner: bool, has_loser: bool) -> None:
+    if has_winner:
+        stats.only_winners += 1
+    elif has_loser:
+        stats.only_losers += 1
+    else:
+        stats.no_samples += 1
+
+
+def _examples_of(
+    record: dict, data: str, k: int, add_gold: bool, seed: int, stats: DataStats
+) -> list[dict]:
+    """The examples of one record under one data policy (updates the skip counts)."""
+    base = {"id": record["id"], "prompt": record["prompt"]}
+    if data == "gold":
+        return [{**base, "chosen": _gold(record, "data=gold (SFT)")}]
+    winners, losers = _candidates(record, seed)
+    if data == "correct":
+        if not winners:
+            _skip(stats, False, bool(losers))
+            return []
+        return [{**base, "chosen": w} for w in winners[:k]]
+    if add_gold:
+        # First, so that pair 0 always uses it: the gold CoT is the one winner
+        # known to be right in its reasoning, not just in its final answer.
+        gold = _gold(record, "add_gold_to_winners")
+        winners = [gold] + [w for w in winners if w != gold]
+    pairs = wraparound_pairs(winners, losers, k)
+    if not pairs:
+        _skip(stats, bool(winners), bool(losers))
+    return [{**base, "chosen": w, "rejected": loser} for w, loser in pairs]
+
+
+def _cap(examples: list, max_examples: int, seed: int) -> list:
+    """A seeded subsample of ``max_examples`` items, in their original order."""
+    keep = random.Random(f"{seed}:cap").sample(range(len(examples)), max_examples)
+    return [examples[i] for i in sorted(keep)]
+
+
+def _no_data_message(data: str, stats: DataStats) -> str:
+    if stats.prompts == 0:
+        return f"no training examples for data={data}: there are no labelled prompts at all."
+    counts = (
+        f"{stats.prompts} prompts: {stats.only_winners} had only correct samples (no loser), "
+        f"{stats.only_losers} had only incorrect samples (no winner), "
+        f"{stats.no_samples} had no samples"
+    )
+    if data == "pairs":
+        advice = (
+            "sample more solutions per prompt (samples_per_prompt); raise the temperature if "
+            "samples are mostly duplicates or all correct, lower it if they are all wrong; set "
+            "dataset.add_gold_to_winners=true where the task has a gold CoT; or start from a "
+            "stronger initial model"
+        )
+    else:
+        advice = (
+            "sample more solutions per prompt (samples_per_prompt), lower the temperature, "
+            "or start from a stronger initial model"
+        )
+    return f"no training examples for data={data}: {counts}. To get some: {advice}."
+
+
+def build_examples(
+    records: list[dict],
+    data: str,
+    k: int,
+    *,
+    add_gold_to_winners: bool,
+    max_examples: int | None,
+    seed: int,
+) -> tuple[list[dict], DataStats]:
+    """Training examples of one iteration, in record order, and their counts.
+
+    ``k`` is the number of pairs (data="pairs") or of correct samples
+    (data="correct") per prompt; data="gold" ignores it. ``max_examples`` caps the
+    total with a seeded subsample. Raises ValueError on bad arguments or a missing
+    gold CoT, and NoTrainingData when no example results.
+    """
+    if data not in DATA_POLICIES:
+        raise ValueError(f"build_examples: data={data!r} must be one of {DATA_POLICIES}")
+    if k < 1:
+        raise ValueError(f"build_examples: k={k} must be >= 1")
+    if max_examples is not None and max_examples < 1:
+        raise ValueError(f"build_examples: max_examples={max_examples} must be >= 1 or None")
+    stats = DataStats(prompts=len(records))
+    # (record index, example): used_prompts counts records, even if two share an id.
+    indexed: list[tuple[int, dict]] = []
+    for i, record in enumerate(records):
+        found = _examples_of(record, data, k, add_gold_to_winners, seed, stats)
+        indexed.extend((i, example) for example in found)
+    if max_examples is not None and len(indexed) > max_examples:
+        indexed = _cap(indexed, max_examples, seed)
+    stats.examples = len(indexed)
+    stats.used_prompts = len({i for i, _ in indexed})
+    if not indexed:
+        raise NoTrainingData(_no_data_message(data, stats))
+    return [example for _, example in indexed], stats

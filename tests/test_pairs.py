@@ -1,0 +1,251 @@
+"""Tests of irpo.pairs: wrap-around pairing, the three data policies, stats and errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections import Counter
+
+import pytest
+
+from irpo.pairs import DataStats, NoTrainingData, build_examples, wraparound_pairs
+
+
+def rec(rid: str, correct: list[str] = (), wrong: list[str] = (), gold: str | None = None) -> dict:
+    samples = [{"text": t, "correct": True} for t in correct]
+    samples += [{"text": t, "correct": False} for t in wrong]
+    return {"id": rid, "prompt": f"Q {rid}", "gold_cot": gold, "samples": samples}
+
+
+def build(records, data="pairs", k=5, add_gold=False, max_examples=None, seed=0):
+    return build_examples(
+        records, data, k, add_gold_to_winners=add_gold, max_examples=max_examples, seed=seed
+    )
+
+
+# ------------------------------------------------------------- wraparound_pairs
+
+
+def test_wraparound_exact_sequence():
+    # i = 0..4: winners[i % 2], losers[i % 3]
+    assert wraparound_pairs(["w0", "w1"], ["l0", "l1", "l2"], 5) == [
+        ("w0", "l0"),
+        ("w1", "l1"),
+        ("w0", "l2"),
+        ("w1", "l0"),
+        ("w0", "l1"),
+    ]
+
+
+def test_wraparound_covers_every_combination_when_lengths_are_coprime():
+    # 2 and 3 are coprime, so i -> (i % 2, i % 3) hits all 6 combinations in 6 steps.
+    pairs = wraparound_pairs(["w0", "w1"], ["l0", "l1", "l2"], 6)
+    assert len(set(pairs)) == 6
+
+
+def test_wraparound_short_k_and_empty_lists():
+    assert wraparound_pairs(["w0", "w1", "w2"], ["l0", "l1"], 1) == [("w0", "l0")]
+    assert wraparound_pairs(["w0"], ["l0"], 0) == []
+    assert wraparound_pairs([], ["l0"], 3) == []
+    assert wraparound_pairs(["w0"], [], 3) == []
+    with pytest.raises(ValueError, match="k=-1"):
+        wraparound_pairs(["w0"], ["l0"], -1)
+
+
+# ----------------------------------------------------------------- data="pairs"
+
+
+def test_pairs_use_each_winner_and_loser_the_wraparound_number_of_times():
+    examples, stats = build([rec("a", ["c0", "c1"], ["x0", "x1", "x2"])], k=5)
+    assert len(examples) == 5
+    assert all(set(e) == {"id", "prompt", "chosen", "rejected"} for e in examples)
+    assert all(e["id"] == "a" and e["prompt"] == "Q a" for e in examples)
+    # 5 pairs over 2 winners: one used 3 times, the other 2; over 3 losers: 2, 2, 1.
+    chosen = Counter(e["chosen"] for e in examples)
+    rejected = Counter(e["rejected"] for e in examples)
+    assert set(chosen) == {"c0", "c1"} and sorted(chosen.values()) == [2, 3]
+    assert set(rejected) == {"x0", "x1", "x2"} and sorted(rejected.values()) == [1, 2, 2]
+    assert stats == DataStats(prompts=1, used_prompts=1, examples=5)
+
+
+def test_pairs_remove_duplicate_samples():
+    # Without deduplication winners [a, a, b] would give a 3 times and b once in 4 pairs.
+    examples, _ = build([rec("r", ["a", "a", "b"], ["x", "x"])], k=4)
+    assert Counter(e["chosen"] for e in examples) == {"a": 2, "b": 2}
+    assert Counter(e["rejected"] for e in examples) == {"x": 4}
+
+
+def test_pairs_are_shuffled_not_sampler_order():
+    # k=1 takes the first winner after the shuffle; over 20 seeds it cannot always be c0.
+    record = rec("r", [f"c{i}" for i in range(5)], ["x"])
+    firsts = {build([record], k=1, seed=s)[0][0]["chosen"] for s in range(20)}
+    assert len(firsts) > 1
+
+
+def test_prompts_without_both_a_winner_and_a_loser_are_skipped_and_counted():
+    records = [
+        rec("ok", ["c"], ["x"]),
+        rec("only_w1", ["c"]),
+        rec("only_w2", ["c", "d"]),
+        rec("only_l", [], ["x", "y"]),
+        rec("empty"),
+        {"id": "no_key", "prompt": "Q", "gold_cot": None},  # no "samples" at all
+    ]
+    examples, stats = build(records, k=3)
+    assert {e["id"] for e in examples} == {"ok"}
+    assert all(e["chosen"] == "c" and e["rejected"] == "x" for e in examples)
+    assert stats.as_dict() == {
+        "prompts": 6,
+        "used_prompts": 1,
+        "examples": 3,
+        "only_winners": 2,
+        "only_losers": 1,
+        "no_samples": 2,
+    }
+
+
+def test_gold_cot_is_first_winner_only_when_configured():
+    record = rec("r", ["a"], ["x", "y"], gold="G")
+    with_gold, _ = build([record], k=2, add_gold=True)
+    # winners [G, a], losers shuffled [x, y] in some order: pairs (G, l0), (a, l1)
+    assert [e["chosen"] for e in with_gold] == ["G", "a"]
+    assert {e["rejected"] for e in with_gold} == {"x", "y"}
+    without, _ = build([record], k=2, add_gold=False)
+    assert [e["chosen"] for e in without] == ["a", "a"]
+
+
+def test_gold_cot_rescues_prompts_with_only_losers_and_is_not_duplicated():
+    records = [rec("lost", [], ["x"], gold="G"), rec("dup", ["G", "b"], ["y"], gold="G")]
+    examples, stats = build(records, k=2, add_gold=True)
+    assert [(e["id"], e["chosen"]) for e in examples] == [
+        ("lost", "G"), ("lost", "G"), ("dup", "G"), ("dup", "b")
+    ]  # fmt: skip
+    assert stats.only_losers == 0 and stats.used_prompts == 2
+
+
+def test_add_gold_without_gold_cot_names_the_record():
+    with pytest.raises(ValueError, match="'r7'.*add_gold_to_winners"):
+        build([rec("r7", ["a"], ["x"])], add_gold=True)
+
+
+# ------------------------------------------------------- data="correct" / "gold"
+
+
+def test_correct_takes_up_to_k_distinct_correct_samples():
+    records = [
+        rec("many", ["a", "b", "b", "c", "d"], ["x"]),
+        rec("few", ["a", "a"]),
+        rec("wrong", [], ["x"]),
+        rec("empty"),
+    ]
+    examples, stats = build(records, data="correct", k=3, add_gold=True)  # gold ignored
+    assert all(set(e) == {"id", "prompt", "chosen"} for e in examples)
+    many = [e["chosen"] for e in examples if e["id"] == "many"]
+    assert len(many) == 3 and len(set(many)) == 3 and set(many) <= {"a", "b", "c", "d"}
+    assert [e["chosen"] for e in examples if e["id"] == "few"] == ["a"]
+    assert stats == DataStats(prompts=4, used_prompts=2, examples=4, only_losers=1, no_samples=1)
+
+
+def test_gold_gives_one_example_per_prompt():
+    records = [rec("a", ["s"], ["x"], gold="GA"), rec("b", gold="GB")]
+    examples, stats = build(records, data="gold", k=10)
+    assert examples == [
+        {"id": "a", "prompt": "Q a", "chosen": "GA"},
+        {"id": "b", "prompt": "Q b", "chosen": "GB"},
+    ]
+    assert stats == DataStats(prompts=2, used_prompts=2, examples=2)
+    with pytest.raises(ValueError, match="'c'.*data=gold"):
+        build(records + [rec("c")], data="gold")
+
+
+# ------------------------------------------------------------ determinism, cap
+
+
+def _many_records(n: int = 12) -> list[dict]:
+    return [rec(f"p{i}", [f"c{i}.{j}" for j in range(4)], [f"x{i}.{j}" for j in range(3)])
+            for i in range(n)]  # fmt: skip
+
+
+def test_same_seed_same_output_different_seed_different_output():
+    records = _many_records()
+    first, second = build(records, seed=3), build(records, seed=3)
+    assert first == second
+    assert build(records, seed=4)[0] != first[0]
+    # Records are processed in order: ids appear grouped in input order.
+    assert [e["id"] for e in first[0]] == [f"p{i}" for i in range(12) for _ in range(5)]
+
+
+def test_a_prompts_examples_do_not_depend_on_other_prompts():
+    records = _many_records(3)
+    alone, _ = build(records[2:], seed=1)
+    together, _ = build(records, seed=1)
+    assert [e for e in together if e["id"] == "p2"] == alone
+
+
+def test_output_is_independent_of_pythonhashseed():
+    code = (
+        "import json, sys; from irpo.pairs import build_examples; "
+        "r = json.loads(sys.argv[1]); "
+        "print(json.dumps(build_examples(r, 'pairs', 5, add_gold_to_winners=False, "
+        "max_examples=20, seed=0)[0]))"
+    )
+    arg = json.dumps(_many_records())
+    outs = set()
+    for hashseed in ("0", "1", "12345"):
+        env = {**os.environ, "PYTHONHASHSEED": hashseed}
+        result = subprocess.run(
+            [sys.executable, "-c", code, arg], env=env, capture_output=True, text=True, check=True
+        )
+        outs.add(result.stdout)
+    assert len(outs) == 1
+
+
+def test_cap_is_a_seeded_order_preserving_subsample():
+    records = _many_records()  # 12 prompts x 5 pairs = 60 examples
+    full, _ = build(records, seed=0)
+    capped, stats = build(records, max_examples=7, seed=0)
+    assert len(capped) == 7 and stats.examples == 7
+    # A subsequence of the uncapped output (same relative order).
+    positions = [full.index(e) for e in capped]
+    assert positions == sorted(positions) and len(set(positions)) == 7
+    assert stats.used_prompts == len({e["id"] for e in capped})
+    assert build(records, max_examples=7, seed=0)[0] == capped
+    assert build(records, max_examples=7, seed=1)[0] != build(records, max_examples=7, seed=0)[0]
+    # A cap at or above the total changes nothing.
+    assert build(records, max_examples=60, seed=0)[0] == full
+
+
+def test_bad_arguments_raise():
+    records = _many_records(1)
+    with pytest.raises(ValueError, match="data='sft'"):
+        build(records, data="sft")
+    with pytest.raises(ValueError, match="k=0"):
+        build(records, k=0)
+    with pytest.raises(ValueError, match="max_examples=0"):
+        build(records, max_examples=0)
+
+
+# -------------------------------------------------------------- NoTrainingData
+
+
+def test_no_training_data_message_gives_counts_and_remedies():
+    records = [rec("w1", ["a"]), rec("w2", ["b"]), rec("l", [], ["x"]), rec("e")]
+    with pytest.raises(NoTrainingData) as info:
+        build(records)
+    message = str(info.value)
+    assert isinstance(info.value, RuntimeError)
+    assert "data=pairs" in message and "4 prompts" in message
+    assert "2 had only correct samples" in message
+    assert "1 had only incorrect samples" in message
+    assert "1 had no samples" in message
+    for remedy in ("samples_per_prompt", "temperature", "add_gold_to_winners", "stronger"):
+        assert remedy in message
+
+
+def test_no_training_data_for_star_and_for_no_records():
+    with pytest.raises(NoTrainingData, match="1 had only incorrect samples.*1 had no samples"):
+        build([rec("l", [], ["x"]), rec("e")], data="correct")
+    with pytest.raises(NoTrainingData, match="no labelled prompts"):
+        build([], data="gold")
