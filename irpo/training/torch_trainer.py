@@ -50,6 +50,13 @@ def batch_order(n: int, steps: int, batch_size: int, seed: int) -> list[list[int
     return [order[i * batch_size : (i + 1) * batch_size] for i in range(steps)]
 
 
+def nll_weight(cfg) -> float:
+    """alpha for DPO+NLL (rpo); 0 without the NLL term (dpo); 1 for NLL-only methods (sft, star)."""
+    if not cfg.method.nll:
+        return 0.0
+    return cfg.alpha if cfg.method.dpo else 1.0
+
+
 def step_loss(model, micro, refs, cfg, pad_id: int, scale: float):
     """Forward + backward of one micro-batch; returns its LossOutput."""
     logps, lengths = batch_logprobs(model, pair_batch(micro, pad_id))
@@ -58,7 +65,7 @@ def step_loss(model, micro, refs, cfg, pad_id: int, scale: float):
     if cfg.method.dpo:
         kwargs = dict(policy_rejected=logps[b:], ref_chosen=refs[0], ref_rejected=refs[1])
     out = preference_loss(
-        logps[:b], lengths[:b], cfg.beta, cfg.alpha if cfg.method.dpo else 1.0,
+        logps[:b], lengths[:b], cfg.beta, nll_weight(cfg),
         dpo_weight=1.0 if cfg.method.dpo else 0.0, **kwargs,
     )
     (out.loss * scale).backward()
