@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from irpo.losses import preference_loss
-from irpo.modeling import load_model
+from irpo.modeling import context_length, load_model
 from irpo.training.data import pair_batch, tokenize_examples
 from irpo.training.logprobs import batch_logprobs, reference_logprobs
 
@@ -83,7 +83,7 @@ def train(cfg, init_path: Path, examples: list[dict], out_dir: Path,
     torch.manual_seed(seed)
     model, tokenizer = load_model(init_path, cfg.model.dtype)
     pad_id = tokenizer.pad_token_id
-    toks, truncated = tokenize_examples(tokenizer, examples, model.config.max_position_embeddings)
+    toks, truncated = tokenize_examples(tokenizer, examples, context_length(model) or 1_000_000)
     if truncated:
         log.warning("%d responses were cut to the model's max length", truncated)
     refs_all = None
@@ -140,7 +140,7 @@ def _accumulate(sums: dict, out, logps, b: int, refs, weight: float) -> None:
             "rewards/accuracy": out.reward_accuracy, "rewards/margin": out.reward_margin,
         })
     for k, v in values.items():
-        sums[k] = sums.get(k, 0.0) + float(v) * weight
+        sums[k] = sums.get(k, 0.0) + float(v.detach()) * weight
 
 
 def _end_summary(history: list[dict[str, float]]) -> dict[str, float]:
