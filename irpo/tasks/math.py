@@ -1,0 +1,317 @@
+"""MATH (Hendrycks et al., 2021) as an IRPO task: 4-shot ``\\boxed`` prompt, math-verify checking.
+
+Built through the registry (``dataset=math``; ``dataset.name=math500`` evaluates on the
+500-problem PRM800K test subset instead of the 5,000); inspect with ``python -m irpo.tasks math``.
+
+* Prompt: an instruction asking for "Final answer: $\\boxed{...}$", then ``num_shots`` (<= 4)
+  fixed training problems with short solutions (:data:`EXEMPLARS`, found in any copy of the data
+  by a hash of their problem text, and excluded from train and valid), then the question.
+* Gold answer: the last ``\\boxed{...}`` / ``\\fbox{...}`` of the solution (nested braces kept);
+  a record without one (two train records end in an empty ``\\boxed{}``) is left out and
+  listed in ``dropped``.
+  Gold CoT: the solution, then "Final answer: $\\boxed{<gold>}$", the shape the prompt asks for.
+* Model answer: the last ``\\boxed{...}`` of the response (cut at a hallucinated next
+  "Question:"), else the first line after the last "Final answer". Answers over
+  ``MAX_ANSWER_CHARS`` are not answers.
+* Equality: identical strings are equal at once; otherwise math-verify (``parse`` with LaTeX
+  extraction only, never its ``ExprExtractionConfig``, which runs ``sympy.parse_expr``, an
+  ``eval``; then ``verify``), and where math-verify cannot parse one side, the MATH repository's
+  string normalisation (``is_equiv`` of ``math_equivalence.py``, re-implemented below).
+  Every comparison runs in a killable worker process bounded to 1 s (:mod:`irpo.tasks.timeout`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from functools import lru_cache
+from typing import Any
+
+from irpo.tasks.base import Example, register
+from irpo.tasks.common import HubTask, Source, after_last_final_answer, load_records, render
+
+INSTRUCTION = (
+    "Your task is to answer the question below. Give step by step reasoning before you answer, "
+    'and when you\'re ready to answer, please use the format "Final answer: $\\boxed{...}$"\n\n'
+)
+PROMPT = INSTRUCTION + "{examples}Question: {question}\nSolution:"
+SHOT = "Question: {problem}\nSolution: {solution}\nFinal answer: $\\boxed{{{answer}}}$\n\n"
+
+# Four short training problems with four kinds of answer: integer, fraction, point, expression.
+# (original path, sha256(problem)[:16]); the hash finds them in the hub copies, which lack paths.
+EXEMPLARS = (
+    ("train/algebra/930.json", "253a37fc37ba8992"),
+    ("train/counting_and_probability/243.json", "40759ca11c10828d"),
+    ("train/geometry/683.json", "6fedb4c7e304aec8"),
+    ("train/precalculus/619.json", "1555d37407044605"),
+)
+SUBJECTS = ("algebra", "counting_and_probability", "geometry", "intermediate_algebra",
+            "number_theory", "prealgebra", "precalculus")
+DEFAULT_HUB = "EleutherAI/hendrycks_math"
+MATH = Source("math", {"train": "train.jsonl", "test": "test.jsonl"}, DEFAULT_HUB, SUBJECTS,
+              ids={"train": "train_ids.txt", "test": "test_ids.txt"})
+MATH500 = Source("math500", {"test": "test.jsonl"}, "HuggingFaceH4/MATH-500")
+MAX_ANSWER_CHARS = 1000
+
+
+def problem_hash(problem: str) -> str:
+    return hashlib.sha256(problem.encode("utf-8")).hexdigest()[:16]
+
+
+# ------------------------------------------------------------------ extraction
+
+_BOX_RE = re.compile(r"\\(?:boxed|fbox)\s*\{")
+_BOX_SPACE_RE = re.compile(r"\\boxed +([^\s$]+)")
+
+
+def last_boxed(text: str) -> str | None:
+    """Content of the last complete ``\\boxed{...}`` / ``\\fbox{...}``; linear time in ``text``."""
+    opens = [m.end() - 1 for m in _BOX_RE.finditer(text)]
+    if not opens:
+        m = None
+        for m in _BOX_SPACE_RE.finditer(text):  # "\boxed 5", an old MATH spelling
+            pass
+        return m.group(1) if m else None
+    # One pass from the first box: match every unescaped brace with a stack.
+    close_of: dict[int, int] = {}
+    stack: list[int] = []
+    i, n = opens[0], len(text)
+    while i < n:
+        ch = text[i]
+        if ch == "\\":
+            i += 2  # "\{" and "\}" are literal braces, not groups
+            continue
+        if ch == "{":
+            stack.append(i)
+        elif ch == "}" and stack:
+            close_of[stack.pop()] = i
+        i += 1
+    for start in reversed(opens):
+        end = close_of.get(start)
+        if end is not None:
+            return text[start + 1:end]
+    return None
+
+
+def _unwrap(answer: str) -> str:
+    """Drop math delimiters and sentence punctuation around an answer."""
+    answer = answer.strip().rstrip(".").strip()
+    for left, right in (("$", "$"), ("\\(", "\\)"), ("\\[", "\\]")):
+        if answer.startswith(left) and answer.endswith(right) and len(answer) >= len(left + right):
+            answer = answer[len(left):len(answer) - len(right)].strip()
+    return answer.rstrip(".").strip()
+
+
+def extract(response: str) -> str | None:
+    response = response.split("\nQuestion:", 1)[0]
+    answer = last_boxed(response)
+    if answer is None:
+        segment = after_last_final_answer(response)
+        if segment is None:
+            return None
+        lines = [ln for ln in segment.splitlines() if ln.strip()]
+        if not lines:
+            return None
+        answer = lines[0]
+    answer = _unwrap(answer)
+    if not answer or len(answer) > MAX_ANSWER_CHARS:
+        return None
+    return answer
+
+
+# ------------------------------------------------- equivalence (runs in the worker)
+
+
+def _split_fix(s: str, marker: str, fix) -> str:
+    parts = s.split(marker)
+    return parts[0] + "".join(marker + fix(p) for p in parts[1:])
+
+
+def _frac_fix(part: str) -> str:
+    # \frac12 -> \frac{1}{2}, \frac1{2} -> \frac{1}{2}; too short: leave (as the original does)
+    if part.startswith("{") or len(part) < 2:
+        return part
+    a, b, rest = part[0], part[1], part[2:]
+    return "{" + a + "}" + (b + rest if b == "{" else "{" + b + "}" + rest)
+
+
+def _sqrt_fix(part: str) -> str:
+    return part if part.startswith("{") else "{" + part[0] + "}" + part[1:]  # IndexError -> raw
+
+
+def hendrycks_normalise(s: str) -> str:
+    """The MATH repository's ``_strip_string`` (Hendrycks et al., MIT), step for step."""
+    for old, new in (("\n", ""), ("\\!", ""), ("\\\\", "\\"), ("tfrac", "frac"),
+                     ("dfrac", "frac"), ("\\left", ""), ("\\right", ""), ("^{\\circ}", ""),
+                     ("^\\circ", ""), ("\\$", "")):
+        s = s.replace(old, new)
+    if "\\text{ " in s:  # a unit on the right
+        head, *tail = s.split("\\text{ ")
+        if len(tail) != 1:
+            raise ValueError("ambiguous units")
+        s = head
+    s = s.replace("\\%", "").replace("%", "").replace(" .", " 0.").replace("{.", "{0.")
+    if not s:
+        return s
+    if s[0] == ".":
+        s = "0" + s
+    sides = s.split("=")
+    if len(sides) == 2 and len(sides[0]) <= 2:  # "k = 5" -> "5"
+        s = sides[1]
+    if "\\sqrt" in s:
+        s = _split_fix(s, "\\sqrt", _sqrt_fix)
+    s = s.replace(" ", "")
+    s = _split_fix(s, "\\frac", _frac_fix)
+    if s == "0.5":
+        s = "\\frac{1}{2}"
+    m = re.fullmatch(r"(\d{1,50})/(\d{1,50})", s)
+    if m and s == f"{int(m.group(1))}/{int(m.group(2))}":
+        s = f"\\frac{{{m.group(1)}}}{{{m.group(2)}}}"
+    return s
+
+
+def hendrycks_equiv(a: str, b: str) -> bool:
+    try:
+        return hendrycks_normalise(a) == hendrycks_normalise(b)
+    except Exception:  # the original falls back to raw equality when normalising fails
+        return a == b
+
+
+def _parse(answer: str) -> list:
+    from math_verify import LatexExtractionConfig, parse
+
+    # Boxed so that math-verify takes the whole answer, not a fragment it finds inside.
+    return parse("\\boxed{" + answer + "}",
+                 extraction_config=[LatexExtractionConfig(boxed_match_priority=0)],
+                 parsing_timeout=None)  # bounded by the worker's timer instead (see timeout.py)
+
+
+@lru_cache(maxsize=8192)
+def _parse_gold(answer: str) -> list:
+    return _parse(answer)  # each gold is checked against N samples: parse it once
+
+
+def _parsed(objs: list) -> bool:
+    return any(not isinstance(o, str) for o in objs)
+
+
+def answers_equal(pred: str, gold: str) -> bool:
+    """math-verify equality of two extracted answers; string normalisation where it can't parse."""
+    from math_verify import verify
+
+    gold_objs, pred_objs = _parse_gold(gold), _parse(pred)
+    if _parsed(gold_objs) and _parsed(pred_objs):
+        return bool(verify(gold_objs, pred_objs, timeout_seconds=None))
+    return hendrycks_equiv(pred, gold)
+
+
+def warm_up() -> None:
+    """Load math-verify's lazy parts and silence its timeout warnings (we bound time ourselves)."""
+    import logging
+
+    import math_verify.grader
+    import math_verify.parser
+
+    logging.getLogger("math_verify").setLevel(logging.ERROR)
+    math_verify.grader.TIMEOUT_WARNING_SHOWN = math_verify.parser.TIMEOUT_WARNING_SHOWN = True
+    answers_equal("\\frac{1}{2}", "0.5")
+
+
+def is_equal(pred: str, gold: str) -> bool:
+    """Bounded equality in the caller's process (any thread); failures and timeouts are False."""
+    from irpo.tasks.timeout import CheckError, CheckTimeout, pool
+
+    if pred.strip() == gold.strip():
+        return True
+    try:
+        return bool(pool().call("math_equal", pred, gold))
+    except (CheckTimeout, CheckError):
+        return False
+
+
+# ------------------------------------------------------------------------- task
+
+
+class MathTask(HubTask):
+    name = "math"
+    max_shots = len(EXEMPLARS)
+    default_template = PROMPT
+    stop_sequences = ("\nQuestion:",)
+    test_source = MATH
+
+    def __init__(self, cfg: Any):
+        super().__init__(cfg)
+        self._examples_block: str | None = None
+        self.dropped: list[str] = []  # records without a usable gold answer, left out
+
+    def _records(self, source: Source, split: str) -> list[dict]:
+        hub = self.cfg.hub_name if source is MATH else None
+        configs = None
+        if source is MATH and (self.cfg.hub_config or (hub and hub != DEFAULT_HUB)):
+            configs = (self.cfg.hub_config,)  # another mirror: one config (None: its default)
+        return load_records(self.cfg, source, split, hub_name=hub, hub_configs=configs)
+
+    def _shots(self, train: list[dict]) -> str:
+        if self._examples_block is None:
+            by_hash = {problem_hash(r["problem"]): r for r in train}
+            shots = []
+            for path, digest in EXEMPLARS[: self.cfg.num_shots or 0]:
+                rec = by_hash.get(digest)
+                if rec is None:
+                    raise ValueError(f"MATH few-shot exemplar {path} is not in this training data")
+                shots.append(SHOT.format(problem=rec["problem"].strip(),
+                                         solution=rec["solution"].strip(),
+                                         answer=last_boxed(rec["solution"])))
+            self._examples_block = "".join(shots)
+        return self._examples_block
+
+    def _pool(self, split: str) -> list[Example]:
+        need_train = split == "train" or (self.cfg.num_shots or 0) > 0
+        train = self._records(MATH, "train") if need_train else []
+        block = self._shots(train)
+        records = train if split == "train" else self._records(self.test_source, "test")
+        exclude = {digest for _, digest in EXEMPLARS} if split == "train" else set()
+        examples = []
+        for i, rec in enumerate(records):
+            if problem_hash(rec["problem"]) in exclude:
+                continue
+            boxed = last_boxed(rec["solution"])
+            gold = None if boxed is None else _unwrap(boxed)  # as extract() would read it
+            if not gold:  # e.g. train/number_theory/1038.json ends in an empty "\boxed{}"
+                self.dropped.append(str(rec.get("unique_id") or f"{self.name}/{split}/{i}"))
+                continue
+            examples.append(Example(
+                id=str(rec.get("unique_id") or f"{self.name}/{split}/{i}"),
+                question=rec["problem"].strip(),
+                prompt=render(self.template, question=rec["problem"].strip(), examples=block),
+                gold_answer=gold,
+                gold_cot=f"{rec['solution'].strip()}\nFinal answer: $\\boxed{{{gold}}}$",
+            ))
+        return examples
+
+    def extract_answer(self, response: str) -> str | None:
+        try:
+            return extract(response)
+        except Exception:  # untrusted text: never let a checker bug stop the loop
+            return None
+
+    def is_correct(self, response: str, gold_answer: str) -> bool:
+        pred = self.extract_answer(response)
+        return pred is not None and is_equal(pred, gold_answer)
+
+
+class Math500Task(MathTask):
+    """MATH train prompts; the PRM800K 500-problem test subset as ``test``."""
+
+    name = "math500"
+    test_source = MATH500
+
+
+@register("math")
+def build(cfg: Any) -> MathTask:
+    return MathTask(cfg)
+
+
+@register("math500")
+def build_500(cfg: Any) -> Math500Task:
+    return Math500Task(cfg)
