@@ -171,11 +171,24 @@ def seeded_sample(n: int, k: int, key: str) -> list[int]:
     return sorted(order[:k])
 
 
+_FIELD_RE = re.compile(r"\{\{|\}\}|\{(\w+)\}")
+
+
 def render(template: str, **fields: str) -> str:
-    """Replace ``{name}`` for the given names only; other braces (LaTeX!) stay as written."""
+    """Fill a prompt template the way ``str.format`` would, but forgiving LaTeX.
+
+    ``{name}`` of a given field is replaced; ``{{`` and ``}}`` are literal braces as in
+    ``str.format``; any other brace is kept as written, so ``\\boxed{}`` needs no escaping.
+    """
     if "{question}" not in template:
         raise ValueError("dataset.prompt_template must contain the {question} placeholder")
-    return re.sub(r"\{(\w+)\}", lambda m: fields.get(m.group(1), m.group(0)), template)
+
+    def fill(m: re.Match) -> str:
+        if m.group(1) is None:
+            return m.group(0)[0]
+        return fields.get(m.group(1), m.group(0))
+
+    return _FIELD_RE.sub(fill, template)
 
 
 _FINAL_RE = re.compile(r"final\s+answer", re.IGNORECASE)
@@ -213,6 +226,7 @@ class HubTask:
         self.template = getattr(cfg, "prompt_template", None) or self.default_template
         render(self.template, question="")  # fail at build time on a template without {question}
         self._cache: dict[str, list[Example]] = {}
+        self._pools: dict[str, list[Example]] = {}
 
     default_template = "{question}"
 
@@ -230,12 +244,17 @@ class HubTask:
             self._cache[split] = self._select(split)
         return list(self._cache[split])
 
+    def _pool_once(self, split: str) -> list[Example]:
+        if split not in self._pools:  # train feeds both "train" and "valid": read it once
+            self._pools[split] = self._pool(split)
+        return self._pools[split]
+
     def _select(self, split: str) -> list[Example]:
         cfg = self.cfg
         if split == "test":
-            pool = self._pool("test")
+            pool = self._pool_once("test")
             return _subset(pool, cfg.test_size, "test_size", f"irpo-test-{self.name}")
-        pool = self._pool("train")
+        pool = self._pool_once("train")
         n_valid = cfg.valid_size or 0
         if n_valid > len(pool):
             raise ValueError(

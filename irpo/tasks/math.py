@@ -195,12 +195,31 @@ def _parsed(objs: list) -> bool:
     return any(not isinstance(o, str) for o in objs)
 
 
+def _kind(objs: list) -> str:
+    """"implicit" for an equation in standard form ("11x + 6y + 86 = 0"), "relation" for any
+    other (in)equality, "value" otherwise."""
+    from sympy import Equality, Symbol
+    from sympy.core.relational import Relational
+
+    for o in objs:
+        if isinstance(o, Equality) and o.rhs == 0 and not isinstance(o.lhs, Symbol):
+            return "implicit"
+        if isinstance(o, Relational):
+            return "relation"
+    return "value"
+
+
 def answers_equal(pred: str, gold: str) -> bool:
     """math-verify equality of two extracted answers; string normalisation where it can't parse."""
     from math_verify import verify
 
     gold_objs, pred_objs = _parse_gold(gold), _parse(pred)
     if _parsed(gold_objs) and _parsed(pred_objs):
+        # math-verify compares "lhs = rhs" with a value through rhs, which is right for "x = 5"
+        # or "a + b = 5", but makes the plane "11x + 6y + 5z + 86 = 0" equal to the number 0.
+        kinds = {_kind(gold_objs), _kind(pred_objs)}
+        if "implicit" in kinds and "value" in kinds:
+            return False
         return bool(verify(gold_objs, pred_objs, timeout_seconds=None))
     return hendrycks_equiv(pred, gold)
 
