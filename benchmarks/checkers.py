@@ -60,12 +60,14 @@ class Timer:
     """Wall time of every check, so the slowest one can be reported."""
 
     def __init__(self) -> None:
-        self.max_s, self.n = 0.0, 0
+        self.max_s, self.n, self.slowest = 0.0, 0, None
 
     def check(self, task, response: str, gold: str) -> bool:
         start = time.perf_counter()
         ok = task.is_correct(response, gold)
-        self.max_s = max(self.max_s, time.perf_counter() - start)
+        took = time.perf_counter() - start
+        if took > self.max_s:
+            self.max_s, self.slowest = took, {"response_end": response[-120:], "gold": gold[:120]}
         self.n += 1
         return ok
 
@@ -171,6 +173,7 @@ def run(data_dir: str, pairs: int, seed: int) -> dict:
         lambda a, b: parse_number(a) == parse_number(b), lambda ex, rng: ex.gold_cot, t)
 
     # MATH ----------------------------------------------------------------------------
+    pool().warm()  # worker start-up (~0.5 s, once per process) is not a check
     mth = build("math", valid_size=0)
     t = timers["math"]
     train, test = mth.load_split("train"), mth.load_split("test")
@@ -215,6 +218,7 @@ def run(data_dir: str, pairs: int, seed: int) -> dict:
                 adv.check(task, text, gold)
         out[name]["max_check_s"] = timers[name].max_s
         out[name]["checks_timed"] = timers[name].n
+        out[name]["slowest_check"] = timers[name].slowest
         out[name]["adversarial_max_check_s"] = adv.max_s
     out["pwned_marker_created"] = Path("/tmp/pwned").exists()
     return out

@@ -203,3 +203,41 @@ def test_env_var_is_used_when_data_dir_is_unset(monkeypatch):
     monkeypatch.setenv("IRPO_DATA_DIR", str(DATA))
     task = build_task(HubTaskConfig(name="gsm8k", test_size=3))
     assert [ex.gold_answer for ex in task.load_split("test")] != []
+
+
+class FakeDatasets:
+    """Stands in for the `datasets` package: records the calls, serves rows (no network)."""
+
+    def __init__(self, rows_by_split):
+        self.rows, self.calls = rows_by_split, []
+
+    def load_dataset(self, name, config=None, split=None):
+        self.calls.append((name, config, split))
+        return self.rows[split]
+
+    def load_from_disk(self, path):
+        self.calls.append(("disk", path))
+        return self.rows
+
+
+GSM_ROW = {"question": "What is 2+2?", "answer": "2+2=<<2+2=4>>4\n#### 4"}
+
+
+def test_hub_is_read_through_datasets_when_nothing_local(monkeypatch):
+    fake = FakeDatasets({"train": [GSM_ROW] * 3, "test": [GSM_ROW]})
+    monkeypatch.delenv("IRPO_DATA_DIR", raising=False)
+    monkeypatch.setitem(sys.modules, "datasets", fake)
+    task = build_task(HubTaskConfig(name="gsm8k", valid_size=1))
+    assert [ex.gold_answer for ex in task.load_split("test")] == ["4"]
+    assert len(task.load_split("train")) == 2
+    assert fake.calls == [("openai/gsm8k", "main", "test"), ("openai/gsm8k", "main", "train")]
+    assert task.load_split("test")[0].gold_cot == "2+2=4\nFinal answer: 4"
+
+
+def test_saved_datasets_folder_is_read_with_load_from_disk(monkeypatch, tmp_path):
+    fake = FakeDatasets({"train": [GSM_ROW], "test": [GSM_ROW, GSM_ROW]})
+    monkeypatch.setitem(sys.modules, "datasets", fake)
+    (tmp_path / "dataset_dict.json").write_text('{"splits": ["train", "test"]}')
+    task = build_task(HubTaskConfig(name="gsm8k", data_dir=str(tmp_path)))
+    assert len(task.load_split("test")) == 2
+    assert fake.calls == [("disk", str(tmp_path))]

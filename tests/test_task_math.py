@@ -153,3 +153,30 @@ def test_checks_work_from_threads_and_stay_bounded():
         th.join()
     assert sorted(results) == [False, False, True, True]
     assert max(times) < 5.0
+
+
+def test_hub_reads_all_seven_subject_configs(monkeypatch):
+    import sys
+
+    from irpo.config import HubTaskConfig
+    from irpo.tasks import build_task
+
+    row = {"problem": "What is $1+1$?", "solution": "It is $\\boxed{2}$.", "level": "Level 1",
+           "type": "Algebra"}
+    calls = []
+
+    class Fake:
+        @staticmethod
+        def load_dataset(name, config=None, split=None):
+            calls.append((name, config, split))
+            return [row]
+
+    monkeypatch.delenv("IRPO_DATA_DIR", raising=False)
+    monkeypatch.setitem(sys.modules, "datasets", Fake)
+    test = build_task(HubTaskConfig(name="math", num_shots=0)).load_split("test")
+    assert [ex.gold_answer for ex in test] == ["2"] * 7
+    assert [c[1] for c in calls] == ["algebra", "counting_and_probability", "geometry",
+                                     "intermediate_algebra", "number_theory", "prealgebra", "precalculus"]
+    assert {c[0] for c in calls} == {"EleutherAI/hendrycks_math"} and {c[2] for c in calls} == {"test"}
+    with pytest.raises(ValueError, match="exemplar .* is not in this training data"):
+        build_task(HubTaskConfig(name="math", num_shots=4)).load_split("test")

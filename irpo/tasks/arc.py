@@ -95,6 +95,7 @@ def extract_letter(response: str) -> str | None:
 class ARCChallenge(HubTask):
     name = "arc_challenge"
     default_template = PROMPT
+    question_fields = ("question", "stem")  # {question} = {stem} + newline + {choices}
     stop_sequences = ("\nQuestion:",)
 
     def _pool(self, split: str) -> list[Example]:

@@ -16,6 +16,10 @@ Split rules (:meth:`HubTask.load_split`): ``valid`` is a seeded, fixed sample of
 training prompts, excluded from ``train``; sizes of None take the whole split, a size larger than
 what is there is an error naming the config field. Subsets are seeded samples, not prefixes,
 because MATH and ARC files are ordered by subject / source.
+
+Prompt templates (``dataset.prompt_template``) are filled like ``str.format`` (see
+:func:`render`): ``{question}`` everywhere; ``{examples}`` (the few-shot block) for MATH;
+``{stem}`` and ``{choices}`` for ARC, whose ``{question}`` is the stem followed by the options.
 """
 
 from __future__ import annotations
@@ -180,9 +184,6 @@ def render(template: str, **fields: str) -> str:
     ``{name}`` of a given field is replaced; ``{{`` and ``}}`` are literal braces as in
     ``str.format``; any other brace is kept as written, so ``\\boxed{}`` needs no escaping.
     """
-    if "{question}" not in template:
-        raise ValueError("dataset.prompt_template must contain the {question} placeholder")
-
     def fill(m: re.Match) -> str:
         if m.group(1) is None:
             return m.group(0)[0]
@@ -224,11 +225,16 @@ class HubTask:
                 f"dataset.num_shots={shots}: task {self.name} supports 0..{self.max_shots} shots"
             )
         self.template = getattr(cfg, "prompt_template", None) or self.default_template
-        render(self.template, question="")  # fail at build time on a template without {question}
+        if not any("{" + f + "}" in self.template for f in self.question_fields):
+            raise ValueError(  # at build time, not after hours of queueing
+                "dataset.prompt_template must contain the "
+                + " or ".join("{" + f + "}" for f in self.question_fields) + " placeholder"
+            )
         self._cache: dict[str, list[Example]] = {}
         self._pools: dict[str, list[Example]] = {}
 
     default_template = "{question}"
+    question_fields: tuple[str, ...] = ("question",)  # a template must use one of them
 
     def _pool(self, split: str) -> list[Example]:  # pragma: no cover - abstract
         """All examples of "train" (minus few-shot exemplars) or "test", in file order."""

@@ -39,7 +39,10 @@ import threading
 import time
 from typing import Any
 
-ALLOWED = {"math_equal": "irpo.tasks.math:answers_equal"}
+ALLOWED = {
+    "math_equal": "irpo.tasks.math:answers_equal",
+    "selftest_hang": "irpo.tasks.timeout:hang",  # lets the tests exercise the kill path
+}
 SOFT_MARGIN_S = 0.15
 STARTUP_LIMIT_S = 60.0
 MEMORY_LIMIT_BYTES = 4 << 30
@@ -149,6 +152,15 @@ class BoundedPool:
             self._all.append(fresh)
         self._idle.put(fresh)
 
+    def warm(self) -> None:
+        """Start every worker now and wait until each is ready (~0.5 s, once per process)."""
+        workers = [self._acquire() for _ in range(self.max_workers)]
+        for worker in workers:
+            try:
+                worker.wait_ready()
+            finally:
+                self._idle.put(worker)
+
     def call(self, func: str, *args: Any) -> Any:
         """Run ``ALLOWED[func](*args)`` in a worker within ``limit_s``; see the module doc."""
         worker = self._acquire()
@@ -206,6 +218,15 @@ class _SoftTimeout(BaseException):
 
 def _on_alarm(signum: int, frame: Any) -> None:
     raise _SoftTimeout()
+
+
+def hang(seconds: float) -> None:
+    """Sleep with SIGALRM blocked: stands in for C code that never returns to the interpreter."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM})
+    try:
+        time.sleep(seconds)
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGALRM})
 
 
 def _serve() -> None:
