@@ -48,7 +48,7 @@ def evaluate(task: Task, sampler, examples: list[Example], *, max_new_tokens: in
             ok = i is not None and task.is_correct(gens[i].text, ex.gold_answer)
             maj_correct += ok
             rec.update(majority_answer=answers[i] if i is not None else None, maj_correct=ok)
-        metrics[f"{prefix}/maj@{maj_k}"] = maj_correct / len(examples)
+        metrics[f"{prefix}/maj_at_k"] = maj_correct / len(examples)  # k is eval.maj_k
     if out_file is not None:
         write_jsonl(out_file, records)
     return metrics

@@ -18,7 +18,7 @@ def iteration_rows(run: RunDir, iterations: int) -> list[dict]:
     for t in range(iterations + 1):
         info = {s: run.done_info(t, s) or {} for s in STAGES}
         ev = info["eval"]
-        maj = next((v for k, v in ev.items() if k.startswith("test/maj@")), math.nan)
+        maj = ev.get("test/maj_at_k", math.nan)
         rows.append({
             "iteration": t,
             "test_acc": ev.get("test/accuracy", math.nan),
