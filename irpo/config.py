@@ -165,6 +165,7 @@ class TrackingConfig:
     backend: str = "mlflow"  # mlflow | none
     tracking_uri: str | None = None  # None -> sqlite store under output_root
     experiment_name: str = "irpo"
+    tags: dict[str, str] = field(default_factory=dict)  # extra run tags, e.g. sweep=table1
 
 
 # ------------------------------------------------------------------------- root

@@ -63,6 +63,12 @@ def git_commit() -> str:
         return "unknown"
 
 
+def _gpu_count() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
 def default_tracking_uri(output_root: str) -> str:
     return f"sqlite:///{Path(output_root).resolve() / 'mlflow.db'}"
 
@@ -117,7 +123,8 @@ def build_tracker(cfg, run_dir: Path, resolved: dict) -> Tracker:
         "method": cfg.method.name, "dataset": cfg.dataset.name, "model": cfg.model.name,
         "beta": str(cfg.beta), "alpha": str(cfg.alpha), "seed": str(cfg.seed),
         "iterations": str(cfg.iterations), "git_commit": git_commit(),
-        "run_dir": str(run_dir),
+        "run_dir": str(run_dir), "gpus": str(_gpu_count()),
+        **cfg.tracking.tags,
     }
     artifact_root = Path(cfg.output_root) / "mlartifacts"
     return MLflowTracker(uri, cfg.tracking.experiment_name, artifact_root, run_dir,
