@@ -7,7 +7,7 @@ it); tests that need it skip, saying so, when it is absent.
 from __future__ import annotations
 
 import os
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import pytest
@@ -32,7 +32,7 @@ def make_task(name: str, **overrides):
     return build_task(cfg)
 
 
-@lru_cache(maxsize=None)
+@cache
 def cached_task(name: str):
     """One shared instance per task name (loading MATH takes ~0.5 s)."""
     return make_task(name)

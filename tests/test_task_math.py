@@ -68,7 +68,7 @@ def test_trailing_period_inside_gold_box_is_dropped():
 def test_math500_answer_field_matches_boxed_solution():
     task = make_task("math500", valid_size=0)
     examples = {ex.id: ex for ex in task.load_split("test")}
-    rows = [json.loads(line) for line in open(DATA / "math500" / "test.jsonl")]
+    rows = [json.loads(line) for line in (DATA / "math500" / "test.jsonl").read_text().splitlines()]
     assert len(rows) == len(examples) == 500
     for row in rows[:100]:
         assert task.is_correct(f"Final answer: $\\boxed{{{row['answer']}}}$", examples[row["unique_id"]].gold_answer)

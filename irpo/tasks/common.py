@@ -28,9 +28,10 @@ import json
 import os
 import random
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from irpo.tasks.base import Example
 
@@ -65,8 +66,9 @@ def read_jsonl(path: Path) -> list[dict]:
                 rec = json.loads(line)
             except json.JSONDecodeError as err:
                 raise ValueError(f"{path}:{lineno}: malformed JSON line ({err.msg})") from None
-            if not isinstance(rec, dict):
-                raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(rec).__name__}")
+            if not isinstance(rec, dict):  # a data error, like the malformed line above
+                raise ValueError(  # noqa: TRY004
+                    f"{path}:{lineno}: expected a JSON object, got {type(rec).__name__}")
             records.append(rec)
     return records
 
@@ -120,7 +122,7 @@ def _from_hub(source: Source, split: str, hub_name: str, configs: Iterable[str |
     for config in configs:
         try:
             part = datasets.load_dataset(hub_name, config, split=hub_split)
-        except Exception as err:  # network, auth, moved repo: report and try nothing else
+        except Exception as err:  # noqa: BLE001  # network, auth, moved repo: report and try nothing else
             tried.append(f"hub {hub_name} config={config} split={hub_split}: {type(err).__name__}: {err}")
             return None
         rows.extend(dict(row) for row in part)

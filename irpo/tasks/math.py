@@ -173,7 +173,7 @@ def hendrycks_normalise(s: str) -> str:
 def hendrycks_equiv(a: str, b: str) -> bool:
     try:
         return hendrycks_normalise(a) == hendrycks_normalise(b)
-    except Exception:  # the original falls back to raw equality when normalising fails
+    except Exception:  # noqa: BLE001  # the original falls back to raw equality when normalising fails
         return a == b
 
 
@@ -236,16 +236,27 @@ def warm_up() -> None:
     answers_equal("\\frac{1}{2}", "0.5")
 
 
+_VERDICTS: dict[tuple[str, str], bool] = {}  # N samples of a prompt often share an answer
+_MAX_VERDICTS = 200_000
+
+
 def is_equal(pred: str, gold: str) -> bool:
     """Bounded equality in the caller's process (any thread); failures and timeouts are False."""
     from irpo.tasks.timeout import CheckError, CheckTimeout, pool
 
     if pred.strip() == gold.strip():
         return True
+    key = (pred, gold)
+    if key in _VERDICTS:
+        return _VERDICTS[key]
     try:
-        return bool(pool().call("math_equal", pred, gold))
+        verdict = bool(pool().call("math_equal", pred, gold))
     except (CheckTimeout, CheckError):
-        return False
+        return False  # not remembered: a timeout may come from a busy machine
+    if len(_VERDICTS) >= _MAX_VERDICTS:
+        _VERDICTS.clear()
+    _VERDICTS[key] = verdict
+    return verdict
 
 
 # ------------------------------------------------------------------------- task
@@ -311,7 +322,7 @@ class MathTask(HubTask):
     def extract_answer(self, response: str) -> str | None:
         try:
             return extract(response)
-        except Exception:  # untrusted text: never let a checker bug stop the loop
+        except Exception:  # noqa: BLE001  # untrusted text: never let a checker bug stop the loop
             return None
 
     def is_correct(self, response: str, gold_answer: str) -> bool:
