@@ -47,7 +47,8 @@ def test_three_and_five_choice_questions():
 
 def test_prompt_is_zero_shot_with_options():
     ex = arc().load_split("test")[0]
-    assert ex.gold_cot is None
+    assert ex.gold_cot == f"Final answer: ({ex.gold_answer})"
+    assert arc().is_correct(ex.gold_cot, ex.gold_answer)
     assert ex.prompt.startswith("Your task is to answer the question below.")
     assert 'use the format "Final answer: (X)"' in ex.prompt
     assert ex.prompt.endswith(f"Question: {ex.question}\nSolution:")

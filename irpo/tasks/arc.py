@@ -66,12 +66,16 @@ def to_example(rec: dict, template: str) -> Example:
         raise ValueError(f"ARC record {rec.get('id')}: answerKey {key!r} not among labels {labels}")
     options = "\n".join(f"({LETTERS[i]}) {text.strip()}" for i, (_, text) in enumerate(choices))
     question = f"{stem}\n{options}"
+    letter = LETTERS[labels.index(key)]
     return Example(
         id=str(rec["id"]),
         question=question,
         prompt=render(template, question=question, stem=stem, choices=options),
-        gold_answer=LETTERS[labels.index(key)],
-        gold_cot=None,
+        gold_answer=letter,
+        # ARC has no gold reasoning: the gold response is the answer line alone. The paper
+        # does not add it to the winners (add_gold_to_winners is false for ARC); it is here
+        # for method=sft and for runs that opt in.
+        gold_cot=f"Final answer: ({letter})",
     )
 
 
