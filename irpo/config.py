@@ -189,6 +189,11 @@ class Config:
     pairs_per_prompt: int = 10
     temperature: list[float] = field(default_factory=lambda: [0.8])
     max_pairs: int | None = None  # cap on pairs per iteration (None: no cap)
+    # Pooled-data ablation: train once on the training data of every iteration of
+    # the finished run in this directory (sweeps/pooled.sh).
+    pool_from: str | None = None
+    # Held-out tasks evaluated after every iteration: +dataset@heldout.<name>=<option>.
+    heldout: dict[str, Any] = field(default_factory=dict)
     output_root: str = "outputs"
     cache_dir: str = "outputs/cache"
     run_name: str | None = None  # prefix of the run directory (None: dataset-method)
@@ -248,6 +253,11 @@ def validate(cfg: Config) -> None:
         ),
         (cfg.alpha >= 0, f"alpha={cfg.alpha} must be >= 0"),
         (cfg.beta > 0, f"beta={cfg.beta} must be > 0"),
+        (
+            cfg.pool_from is None or (cfg.iterations == 1 and m.data in ("pairs", "correct")),
+            f"pool_from={cfg.pool_from}: pooling trains a single iteration (iterations=1) "
+            f"with method data pairs or correct; got iterations={cfg.iterations}, data={m.data}",
+        ),
         (cfg.iterations >= 1, f"iterations={cfg.iterations} must be >= 1"),
         (cfg.samples_per_prompt >= 1, f"samples_per_prompt={cfg.samples_per_prompt} must be >= 1"),
         (cfg.pairs_per_prompt >= 1, f"pairs_per_prompt={cfg.pairs_per_prompt} must be >= 1"),

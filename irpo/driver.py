@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from irpo.builtin_model import ensure_builtin_model
 from irpo.config import Config, temperature_at
 from irpo.evaluate import evaluate
-from irpo.pairs import NoTrainingData, build_examples
+from irpo.pairs import NoTrainingData, build_examples, pool_examples
 from irpo.rundir import RunDir, read_jsonl, write_jsonl
 from irpo.sampling import build_sampler
 from irpo.summary import iteration_rows, render_table
@@ -102,8 +102,25 @@ def stage_label(ctx: Context, t: int, out: Path) -> dict:
     return {"frac_correct": correct / max(total, 1), "prompts_with_both": both}
 
 
+def pooled_data(cfg: Config, out: Path) -> dict:
+    """The pooled-data ablation: every finished iteration's train.jsonl of ``pool_from``."""
+    source = RunDir(Path(cfg.pool_from))
+    lists, t = [], 1
+    while source.done_info(t, "data") is not None:
+        lists.append(read_jsonl(source.stage_dir(t, "data") / "train.jsonl"))
+        t += 1
+    if not lists:
+        raise StageError(f"iteration 1, stage 'data': pool_from={cfg.pool_from} has no finished "
+                         "data stage (no iter1/data/DONE); point it at a finished run directory")
+    examples = pool_examples(lists, cfg.method.data, max_examples=cfg.max_pairs, seed=cfg.seed)
+    write_jsonl(out / "train.jsonl", examples)
+    return {"data_examples": len(examples), "pooled_iterations": len(lists)}
+
+
 def stage_data(ctx: Context, t: int, out: Path) -> dict:
     cfg = ctx.cfg
+    if cfg.pool_from is not None:
+        return pooled_data(cfg, out)
     if cfg.method.data == "gold":
         records = [{"id": e.id, "prompt": e.prompt, "gold_cot": e.gold_cot, "samples": []}
                    for e in ctx.splits["train"]]
@@ -152,6 +169,20 @@ def stage_eval(ctx: Context, t: int, model: Path, out: Path) -> dict:
     return metrics
 
 
+def stage_heldout(ctx: Context, t: int, model: Path, out: Path) -> dict:
+    """Test accuracy of other tasks (cfg.heldout), to see whether the gains carry over."""
+    cfg, metrics = ctx.cfg, {}
+    for name, dcfg in cfg.heldout.items():
+        task = build_task(dcfg)
+        m = evaluate(task, ctx.sampler(model), task.load_split("test"),
+                     max_new_tokens=dcfg.max_new_tokens, maj_k=cfg.eval.maj_k,
+                     maj_temperature=cfg.eval.maj_temperature, seed=cfg.seed,
+                     prefix=f"heldout/{name}", out_file=out / f"{name}.jsonl")
+        metrics.update(m)
+    ctx.tracker.log_metrics(metrics, t)
+    return metrics
+
+
 def _stage(ctx: Context, t: int, name: str, fn) -> dict:
     _, info = ctx.run.run_stage(t, name, fn)
     if not info["skipped"]:
@@ -161,18 +192,24 @@ def _stage(ctx: Context, t: int, name: str, fn) -> dict:
     return info
 
 
+def evaluate_all(ctx: Context, t: int, model: Path) -> None:
+    _stage(ctx, t, "eval", lambda out: stage_eval(ctx, t, model, out))
+    if ctx.cfg.heldout:
+        _stage(ctx, t, "heldout", lambda out: stage_heldout(ctx, t, model, out))
+
+
 def iterate(ctx: Context, m0: Path) -> None:
     cfg = ctx.cfg
-    _stage(ctx, 0, "eval", lambda out: stage_eval(ctx, 0, m0, out))
+    evaluate_all(ctx, 0, m0)
     model = m0
     for t in range(1, cfg.iterations + 1):
-        if cfg.method.data != "gold":
+        if cfg.method.data != "gold" and cfg.pool_from is None:
             _stage(ctx, t, "sample", lambda out: stage_sample(ctx, t, model, out))
             _stage(ctx, t, "label", lambda out: stage_label(ctx, t, out))
         _stage(ctx, t, "data", lambda out: stage_data(ctx, t, out))
         _stage(ctx, t, "train", lambda out: stage_train(ctx, t, model, out))
         model = ctx.run.stage_dir(t, "train") / "model"
-        _stage(ctx, t, "eval", lambda out: stage_eval(ctx, t, model, out))
+        evaluate_all(ctx, t, model)
 
 
 def run(cfg: Config, raw: DictConfig) -> dict:

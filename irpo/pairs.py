@@ -196,3 +196,29 @@ def build_examples(
     if not indexed:
         raise NoTrainingData(_no_data_message(data, stats))
     return [example for _, example in indexed], stats
+
+
+def pool_examples(
+    example_lists: list[list[dict]], data: str, *, max_examples: int | None, seed: int
+) -> list[dict]:
+    """Concatenate the training data of several iterations (the pooled-data ablation).
+
+    ``data="pairs"`` keeps the pairs as they are; ``data="correct"`` keeps each
+    distinct ``(id, chosen)`` once, as ``{id, prompt, chosen}`` (SFT on the winners).
+    """
+    if data not in ("pairs", "correct"):
+        raise ValueError(f"data={data!r}: only pairs or correct can be pooled")
+    pooled: list[dict] = []
+    seen: set[tuple[str, str]] = set()
+    for examples in example_lists:
+        for ex in examples:
+            if data == "pairs":
+                if "rejected" not in ex:
+                    raise ValueError(f"pooled example {ex.get('id')} has no rejected response")
+                pooled.append(ex)
+            elif (ex["id"], ex["chosen"]) not in seen:
+                seen.add((ex["id"], ex["chosen"]))
+                pooled.append({"id": ex["id"], "prompt": ex["prompt"], "chosen": ex["chosen"]})
+    if max_examples is not None and len(pooled) > max_examples:
+        pooled = _cap(pooled, max_examples, seed)
+    return pooled

@@ -249,3 +249,24 @@ def test_no_training_data_for_star_and_for_no_records():
         build([rec("l", [], ["x"]), rec("e")], data="correct")
     with pytest.raises(NoTrainingData, match="no labelled prompts"):
         build([], data="gold")
+
+
+def test_pool_examples_keeps_pairs_and_dedupes_winners():
+    from irpo.pairs import pool_examples
+
+    it1 = [{"id": "a", "prompt": "P", "chosen": "w1", "rejected": "l1"},
+           {"id": "a", "prompt": "P", "chosen": "w2", "rejected": "l2"}]
+    it2 = [{"id": "a", "prompt": "P", "chosen": "w1", "rejected": "l3"},
+           {"id": "b", "prompt": "Q", "chosen": "w1", "rejected": "l1"}]
+    assert pool_examples([it1, it2], "pairs", max_examples=None, seed=0) == it1 + it2
+    winners = pool_examples([it1, it2], "correct", max_examples=None, seed=0)
+    assert winners == [{"id": "a", "prompt": "P", "chosen": "w1"},
+                       {"id": "a", "prompt": "P", "chosen": "w2"},
+                       {"id": "b", "prompt": "Q", "chosen": "w1"}]
+    capped = pool_examples([it1, it2], "pairs", max_examples=2, seed=0)
+    assert len(capped) == 2 and capped == pool_examples([it1, it2], "pairs", max_examples=2, seed=0)
+    assert all(c in it1 + it2 for c in capped)
+    with pytest.raises(ValueError, match="only pairs or correct"):
+        pool_examples([it1], "gold", max_examples=None, seed=0)
+    with pytest.raises(ValueError, match="no rejected"):
+        pool_examples([[{"id": "x", "prompt": "P", "chosen": "w"}]], "pairs", max_examples=None, seed=0)
