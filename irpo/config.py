@@ -35,6 +35,7 @@ class DatasetConfig:
     samples_per_prompt: int = 30
     pairs_per_prompt: int = 10
     temperature: list[float] = field(default_factory=lambda: [0.8])
+    alpha: float = 1.0  # NLL weight of rpo (method/rpo.yaml reads it); paper: 1
 
 
 @dataclass
