@@ -11,7 +11,7 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev,tasks,report]'
+	$(BIN)/pip install --quiet -e '.[dev,tasks,report,slurm]'
 	touch $(STAMP)
 
 venv: $(STAMP)
