@@ -170,6 +170,7 @@ write_configs() {
     done
     NODE_SPEC="$hw"
     export HOST NODE_LINES NODE_NAMES
+    # shellcheck disable=SC2016  # envsubst takes the variable names literally
     local vars='${CLUSTER} ${PARTITION} ${HOST} ${NODE_LINES} ${NODE_NAMES} ${STATE} ${SLURMCTLD_PORT}
                 ${SLURMD_PORT} ${SLURMDBD_PORT} ${MARIADB_PORT} ${DB_PASSWORD}'
     envsubst "$vars" <"$HERE/templates/slurm.conf" >"$STATE/etc/slurm.conf"

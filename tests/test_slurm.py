@@ -13,8 +13,10 @@ elsewhere these tests skip. Run them alone with
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -254,7 +256,7 @@ def seconds(duration: str) -> int:
     return ((int(days or 0) * 24 + int(h)) * 60 + int(m)) * 60 + int(s)
 
 
-def wait_until(what: str, fn, timeout: float, proc: subprocess.Popen):
+def wait_until(what: str, fn, timeout: float, proc: subprocess.Popen, every: float = 1.0):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = fn()
@@ -262,19 +264,51 @@ def wait_until(what: str, fn, timeout: float, proc: subprocess.Popen):
             return value
         if proc.poll() is not None:
             raise AssertionError(f"the sweep ended (rc {proc.returncode}) before {what}")
-        time.sleep(1)
+        time.sleep(every)
     raise AssertionError(f"no {what} after {timeout:.0f} s")
 
 
-def _interrupt_after_first_stage(root: Path, proc: subprocess.Popen) -> str:
-    """Once the sweep's job has done its first stage, bring its time limit near."""
+def driver_pid(root: Path) -> int | None:
+    """The job's python process (``python -u -m submitit.core._submit <root>/...``)."""
+    for proc_dir in Path("/proc").iterdir():
+        try:
+            args = (proc_dir / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if args[1:4] == [b"-u", b"-m", b"submitit.core._submit"] and str(root).encode() in args[4]:
+            return int(proc_dir.name)
+    return None
+
+
+def usr2_sent(pid: int) -> bool:
+    """SIGUSR2 is pending in stopped ``pid``, or was delivered (slurmstepd follows
+    a signal with SIGCONT, so the driver may already have handled it and exited)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return True
+    pending = sum(int(m, 16) for m in re.findall(r"(?:SigPnd|ShdPnd):\s*(\w+)", status))
+    return bool(pending & 1 << (signal.SIGUSR2 - 1)) or "\nState:\tT" not in status
+
+
+def _time_limit_after_first_stage(root: Path, proc: subprocess.Popen) -> str:
+    """Once the sweep's job has done its first stage, bring its time limit near,
+    holding the driver (SIGSTOP) until SLURM's warning signal is pending."""
     (job_id,) = wait_until("submitted job", lambda: submitted(root), 300, proc)
-    wait_until("first stage done", lambda: any(root.glob("runs/*/iter0/eval/DONE")), 900, proc)
-    ran = seconds(scontrol_job(job_id)["RunTime"])
-    # The new limit is 60-120 s away: within signal_delay_s + 30 s (so the next
-    # check signals) and far enough that the job is not killed before it re-queues.
-    subprocess.run(["scontrol", "update", f"JobId={job_id}", f"TimeLimit={ran // 60 + 2}"],
-                   check=True, timeout=60)
+    wait_until("first stage done", lambda: any(root.glob("runs/*/iter0/eval/DONE")), 900, proc,
+               every=0.1)
+    pid = driver_pid(root)
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        ran = seconds(scontrol_job(job_id)["RunTime"])
+        # 60-120 s away: within signal_delay_s + 30 s, so slurmctld's next check
+        # signals, and far enough that the job is not killed before it re-queues.
+        subprocess.run(["scontrol", "update", f"JobId={job_id}", f"TimeLimit={ran // 60 + 2}"],
+                       check=True, timeout=60)
+        wait_until("time-limit signal", lambda: usr2_sent(pid), 90, proc, every=0.2)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGCONT)
     wait_until("re-queue", lambda: int(scontrol_job(job_id).get("Restarts", 0)) >= 1, 120, proc)
     subprocess.run(["scontrol", "update", f"JobId={job_id}", "TimeLimit=10"], check=True,
                    timeout=60)
@@ -287,14 +321,15 @@ def test_time_limit_requeues_and_resumes(tmp_path, slurm_cluster):
     """A job nears its time limit: SLURM signals USR2, submitit checkpoints and
     re-queues it, and the next attempt skips the stages already done.
 
-    To place the time limit at a known point, the test shortens the running
-    job's limit (``scontrol update TimeLimit``, as an admin might) once the
-    first stage is done: slurmctld then sends the time-limit signal at its next
-    check (it checks every 30 s, and sends it once the limit is less than
-    signal_delay_s + 30 s away). While the job waits to start again the limit is
-    restored, so the second attempt runs to the end. Waiting for a natural time
-    limit instead would make every attempt stop at a random point 30 s wide,
-    which the stage durations of a CPU run cannot be tuned around.
+    The time limit is real but placed by the test: once the first stage is
+    done it pauses the driver (SIGSTOP), shortens the job's limit (``scontrol
+    update TimeLimit``, as an admin might) and waits for slurmctld's time-limit
+    signal (it checks limits every 30 s and signals once the limit is closer
+    than signal_delay_s + 30 s; slurmstepd follows it with SIGCONT, which
+    resumes the driver); submitit's handler then checkpoints and re-queues. While the
+    job waits to start again the limit is restored, so the second attempt runs
+    to the end. A limit left to expire by itself would stop each attempt at a
+    random point of a 30 s window, and the smoke run takes about that long.
     """
     # Build M0 first if needed: a build cut short by the time limit would start over.
     from irpo.builtin_model import ensure_builtin_model
@@ -307,7 +342,7 @@ def test_time_limit_requeues_and_resumes(tmp_path, slurm_cluster):
     with open(tmp_path / "sweep.log", "w") as out:
         proc = subprocess.Popen(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
         try:
-            job_id = _interrupt_after_first_stage(tmp_path, proc)
+            job_id = _time_limit_after_first_stage(tmp_path, proc)
             proc.wait(timeout=900)
         finally:
             if proc.poll() is None:  # a failed test leaves no job behind
