@@ -45,7 +45,12 @@ log = logging.getLogger(__name__)
 # Bump when a code change alters what gets built, so stale caches are not reused.
 BUILD_VERSION = 1
 BOS, EOS, PAD = "<s>", "</s>", "<pad>"
-_MODEL_FIELDS_NOT_HASHED = ("name", "path", "dtype")  # how it is loaded, not what it is
+# What the built model depends on. A whitelist, so that fields about how it is
+# loaded or later trained (dtype, the iterations' lr) never trigger a rebuild.
+_MODEL_FIELDS_HASHED = (
+    "builtin", "hidden_size", "num_layers", "num_heads", "intermediate_size", "vocab_size",
+    "max_position_embeddings", "pretrain_steps", "pretrain_batch_size", "pretrain_lr", "pretrain_seed",
+)
 _DATA_FIELDS_HASHED = (
     "data_seed", "pretrain_size", "min_ops", "max_ops", "max_operand", "max_value", "prompt_template",
 )
@@ -73,7 +78,7 @@ def pretrain_data_config(dataset_cfg: Any) -> ArithConfig:
 
 def build_key(model_cfg: Any, data_cfg: ArithConfig) -> dict[str, Any]:
     """Everything the built model depends on (hashed into its directory name)."""
-    model = {k: v for k, v in _as_dict(model_cfg).items() if k not in _MODEL_FIELDS_NOT_HASHED}
+    model = {k: v for k, v in _as_dict(model_cfg).items() if k in _MODEL_FIELDS_HASHED}
     data = {k: getattr(data_cfg, k) for k in _DATA_FIELDS_HASHED}
     return {"version": BUILD_VERSION, "model": model, "data": data}
 

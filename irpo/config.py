@@ -47,8 +47,8 @@ class ArithConfig(DatasetConfig):
     pretrain_size: int = 20000
     min_ops: int = 2
     max_ops: int = 5
-    max_operand: int = 20
-    max_value: int = 999  # every intermediate result stays in [0, max_value]
+    max_operand: int = 9  # keep equal to conf/dataset/arith.yaml: M0 for other tasks is built from these
+    max_value: int = 99  # every intermediate result stays in [0, max_value]
 
 
 @dataclass

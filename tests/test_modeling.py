@@ -71,6 +71,7 @@ def test_cache_key():
     # Split sizes other than pretrain do not change the pre-training data.
     assert builtin_model_dir(TINY, dataclasses.replace(DATA, train_size=99), "c") == here
     assert builtin_model_dir(dataclasses.replace(TINY, dtype="bfloat16"), DATA, "c") == here
+    assert builtin_model_dir(dataclasses.replace(TINY, lr=1e-3, name="x"), DATA, "c") == here
     assert builtin_model_dir(dataclasses.replace(TINY, pretrain_seed=1), DATA, "c") != here
     assert builtin_model_dir(TINY, dataclasses.replace(DATA, max_value=500), "c") != here
     # Any non-arith dataset: pre-trained on the default arithmetic data.
