@@ -24,9 +24,13 @@ os.environ.setdefault("IRPO_CACHE_DIR", str(TEST_CACHE))
 def run_main(args: list[str], output_root: Path, env: dict | None = None,
              check: bool = True, timeout: int = 900) -> subprocess.CompletedProcess:
     """Run ``python -m irpo.main`` as a user would, in a subprocess."""
-    cmd = [sys.executable, "-m", "irpo.main", f"output_root={output_root}", *args]
+    # Flags (-m) first: Hydra's argparse rejects a flag between override words.
+    flags = [a for a in args if a.startswith("-")]
+    overrides = [a for a in args if not a.startswith("-")]
+    cmd = [sys.executable, "-m", "irpo.main", *flags, f"output_root={output_root}", *overrides]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, **(env or {})})
+    proc.log = proc.stdout + proc.stderr  # Hydra logs to stdout; errors go to stderr
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n"
                              f"{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
