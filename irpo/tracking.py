@@ -69,6 +69,16 @@ def _gpu_count() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
+def _store_lock(uri: str):
+    import contextlib
+
+    from filelock import FileLock
+
+    if uri.startswith("sqlite:///"):
+        return FileLock(uri[len("sqlite:///"):] + ".lock", timeout=600)
+    return contextlib.nullcontext()
+
+
 def default_tracking_uri(output_root: str) -> str:
     return f"sqlite:///{Path(output_root).resolve() / 'mlflow.db'}"
 
@@ -79,12 +89,15 @@ class MLflowTracker:
         import mlflow  # imported here: slow, and unnecessary with tracking=none
 
         self._mlflow = mlflow
-        self.client = mlflow.MlflowClient(tracking_uri=uri)
         self.ui_hint = f"mlflow ui --backend-store-uri {uri}"
-        exp = self.client.get_experiment_by_name(experiment)
-        exp_id = exp.experiment_id if exp else self.client.create_experiment(
-            experiment, artifact_location=artifact_root.resolve().as_uri()
-        )
+        # Sweep points started together (SLURM array jobs) would race to create
+        # the sqlite schema and the experiment; one of them would crash.
+        with _store_lock(uri):
+            self.client = mlflow.MlflowClient(tracking_uri=uri)
+            exp = self.client.get_experiment_by_name(experiment)
+            exp_id = exp.experiment_id if exp else self.client.create_experiment(
+                experiment, artifact_location=artifact_root.resolve().as_uri()
+            )
         id_file = run_dir / "mlflow_run_id"
         if id_file.exists():
             self.run_id = id_file.read_text().strip()
