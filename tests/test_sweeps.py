@@ -145,8 +145,9 @@ def check_double_data(cfgs: list[Config], t: int) -> None:
 
 
 def check_iterative_dpo(cfgs: list[Config], t: int) -> None:
+    alpha = cfgs[0].dataset.alpha  # rpo's default: the dataset's (paper 1, arith 4)
     assert {(c.method.name, c.alpha, c.iterations) for c in cfgs} == {("dpo", 0.0, t),
-                                                                       ("rpo", 1.0, t)}
+                                                                       ("rpo", alpha, t)}
 
 
 def check_pooled(cfgs: list[Config], t: int) -> None:
