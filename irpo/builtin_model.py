@@ -96,6 +96,7 @@ def ensure_builtin_model(model_cfg: ModelConfig, dataset_cfg: Any, cache_dir: st
     check_architecture(model_cfg)
     final = builtin_model_dir(model_cfg, dataset_cfg, cache_dir)
     if (final / "config.json").exists():
+        log.info("using the cached built-in model %s", final)
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(final) + ".lock"):
