@@ -114,12 +114,22 @@ class SamplerConfig:
 
 @dataclass
 class VLLMSamplerConfig(SamplerConfig):
-    tensor_parallel_size: int = 1
-    dtype: str = "auto"
+    """vLLM's offline engine (irpo/sampling/vllm.py); batch_size is unused (vLLM batches itself)."""
+
+    tensor_parallel_size: int = 1  # GPUs per engine
+    dtype: str = "auto"  # auto -> model.dtype
     gpu_memory_utilization: float = 0.9
-    max_model_len: int | None = None
-    enforce_eager: bool = False
-    return_logprobs: bool = False
+    max_model_len: int | None = None  # None -> the model's max_position_embeddings
+    max_num_seqs: int | None = None  # sequences decoded together; None -> vLLM's default
+    enforce_eager: bool = False  # True on CPUs
+    return_logprobs: bool = False  # Generation.logprob: reference log-probs of the next stage
+    cpu_kvcache_gib: int | None = 1  # VLLM_CPU_KVCACHE_SPACE (CPU only); None -> vLLM's default
+    in_process: bool | None = None  # engine in the caller's process; None -> on CPU with tp=1
+    engine_seed: int = 0  # the engine's own seed (requests carry their own seeds)
+    # Engines on this many nodes of the SLURM allocation, each over a shard of the
+    # prompts (1: one engine in the driver); shards hand off through shard_dir.
+    nodes: int = 1
+    shard_dir: str = "outputs/vllm-shards"
 
 
 # ---------------------------------------------------------------------- trainer

@@ -77,7 +77,8 @@ def stage_sample(ctx: Context, t: int, model: Path, out: Path) -> dict:
                                        cfg.dataset.max_new_tokens, cfg.seed * 1000 + t,
                                        desc=f"iter {t} sampling")
     records = [{"id": e.id, "prompt": e.prompt, "gold_answer": e.gold_answer, "gold_cot": e.gold_cot,
-                "samples": [{"text": g.text, "num_tokens": g.num_tokens, "finished": g.finished}
+                "samples": [{"text": g.text, "num_tokens": g.num_tokens, "finished": g.finished,
+                             **({"logprob": g.logprob} if g.logprob is not None else {})}
                             for g in gs]} for e, gs in zip(examples, gens)]
     write_jsonl(out / "samples.jsonl", records)
     tokens = sum(s["num_tokens"] for r in records for s in r["samples"])
@@ -207,6 +208,8 @@ def iterate(ctx: Context, m0: Path) -> None:
             _stage(ctx, t, "sample", lambda out: stage_sample(ctx, t, model, out))
             _stage(ctx, t, "label", lambda out: stage_label(ctx, t, out))
         _stage(ctx, t, "data", lambda out: stage_data(ctx, t, out))
+        # M(t-1) is not sampled from again, and a GPU engine must not hold memory while training.
+        ctx.close_sampler()
         _stage(ctx, t, "train", lambda out: stage_train(ctx, t, model, out))
         model = ctx.run.stage_dir(t, "train") / "model"
         evaluate_all(ctx, t, model)

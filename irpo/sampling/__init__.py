@@ -29,6 +29,9 @@ class Generation:
     text: str  # decoded response only (no prompt), special tokens stripped
     num_tokens: int  # generated tokens incl. EOS if produced
     finished: bool  # True if it ended with EOS (False: hit max_new_tokens)
+    # Sum log-prob of encode_response(text) under the sampling model, when the
+    # backend returns it (sampler=vllm, return_logprobs); None otherwise.
+    logprob: float | None = None
 
 
 class Sampler(Protocol):

@@ -1,0 +1,158 @@
+"""Multi-node vLLM sampling: one engine per node over a contiguous shard of the prompts, merged.
+
+Used by :class:`irpo.sampling.vllm.VLLMSampler` when ``sampler.nodes`` > 1
+inside a SLURM allocation. The driver writes the call (encoded prompts, n,
+temperature, seed, the sampler config) to ``<shard_dir>/<id>/request.json``
+on the shared file system and runs, through
+:func:`irpo.launch.per_node_command`,
+
+    srun --nodes=N --ntasks-per-node=1 ... python -m irpo.sampling.shards <request.json>
+
+Task k (SLURM_PROCID) starts its own engine (tensor parallel over its node's
+GPUs), generates prompts ``shard_bounds(P, N, k)`` seeded by their global
+index, and writes ``shard-k.jsonl`` atomically; the driver then merges the N
+files back into prompt order. Because every prompt's seed depends only on its
+global index, a sharded call returns what one engine would have returned.
+
+By hand, e.g. to re-run shard 1 of 2 of a failed call::
+
+    python -m irpo.sampling.shards outputs/vllm-shards/<id>/request.json --shard 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import shutil
+import subprocess
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from irpo.sampling import Generation
+
+log = logging.getLogger(__name__)
+
+
+def shard_bounds(num_prompts: int, num_shards: int, shard: int) -> tuple[int, int]:
+    """[start, end) of shard ``shard``: contiguous, sizes differing by at most one."""
+    if num_shards < 1 or not 0 <= shard < num_shards:
+        raise ValueError(f"shard {shard} of {num_shards}: need 0 <= shard < num_shards")
+    base, extra = divmod(num_prompts, num_shards)
+    start = shard * base + min(shard, extra)
+    return start, start + base + (shard < extra)
+
+
+def check_allocation(nodes: int, alloc: Any = None) -> Any:
+    """The SLURM allocation that ``sampler.nodes`` engines run in (error if there is none)."""
+    from irpo.launch import Allocation
+
+    alloc = Allocation.from_env() if alloc is None else alloc
+    if alloc is None:
+        raise ValueError(f"sampler.nodes={nodes} runs one vLLM engine per node of a SLURM "
+                         "allocation, but this process is not in one; use sampler.nodes=1")
+    if len(alloc.nodes) < nodes:
+        raise ValueError(f"sampler.nodes={nodes}: the allocation has {len(alloc.nodes)} node(s)")
+    return alloc
+
+
+def write_request(work: Path, sampler: Any, encoded: list[list[int]], n: int, temperature: float,
+                  max_new_tokens: int, seed: int, num_shards: int) -> Path:
+    """The call, as every node's task reads it."""
+    work.mkdir(parents=True, exist_ok=True)
+    cfg = dataclasses.asdict(sampler.cfg) if dataclasses.is_dataclass(sampler.cfg) else dict(sampler.cfg)
+    request = {"model_path": sampler.model_path, "dtype": sampler.dtype, "sampler": cfg,
+               "prompts": encoded, "n": n, "temperature": temperature,
+               "max_new_tokens": max_new_tokens, "seed": seed, "num_shards": num_shards}
+    path = work / "request.json"
+    path.write_text(json.dumps(request))
+    return path
+
+
+def run_shard(request_path: Path, shard: int, sampler: Any = None) -> Path:
+    """Generate shard ``shard`` of a request into ``shard-<shard>.jsonl`` (atomically).
+
+    ``sampler`` is an engine to use (tests); by default one is started here.
+    """
+    req = json.loads(Path(request_path).read_text())
+    start, end = shard_bounds(len(req["prompts"]), req["num_shards"], shard)
+    own = sampler is None
+    if own:
+        from irpo.config import VLLMSamplerConfig
+        from irpo.sampling.vllm import VLLMSampler
+
+        cfg = VLLMSamplerConfig(**{**req["sampler"], "nodes": 1})
+        sampler = VLLMSampler(req["model_path"], cfg, req["dtype"])
+    try:
+        gens = sampler.generate_ids(req["prompts"][start:end], req["n"], req["temperature"],
+                                    req["max_new_tokens"], req["seed"], first_index=start,
+                                    desc=f"shard {shard}/{req['num_shards']}")
+    finally:
+        if own:
+            sampler.close()
+    out = Path(request_path).with_name(f"shard-{shard}.jsonl")
+    tmp = out.with_suffix(".tmp")
+    with open(tmp, "w") as f:
+        for i, gs in enumerate(gens, start):
+            f.write(json.dumps({"index": i, "samples": [dataclasses.asdict(g) for g in gs]}) + "\n")
+    tmp.rename(out)
+    return out
+
+
+def merge_shards(work: Path, num_prompts: int, num_shards: int) -> list[list[Generation]]:
+    """The shards' generations in prompt order; every prompt exactly once."""
+    merged: list[list[Generation] | None] = [None] * num_prompts
+    for k in range(num_shards):
+        path = Path(work) / f"shard-{k}.jsonl"
+        if not path.is_file():
+            raise RuntimeError(f"sampling shard {k} of {num_shards} wrote no {path}")
+        for line in path.read_text().splitlines():
+            rec = json.loads(line)
+            i = rec["index"]
+            if not 0 <= i < num_prompts or merged[i] is not None:
+                raise RuntimeError(f"{path}: prompt index {i} is out of range or already merged")
+            merged[i] = [Generation(**g) for g in rec["samples"]]
+    missing = [i for i, g in enumerate(merged) if g is None]
+    if missing:
+        raise RuntimeError(f"{len(missing)} prompt(s) missing from the shards in {work}, "
+                           f"first index {missing[0]}")
+    return merged  # type: ignore[return-value]
+
+
+def generate_on_nodes(sampler: Any, encoded: list[list[int]], n: int, temperature: float,
+                      max_new_tokens: int, seed: int, alloc: Any = None,
+                      run=subprocess.run) -> list[list[Generation]]:
+    """One engine per node of the allocation over a shard each; the merged result."""
+    from irpo.launch import per_node_command
+
+    nodes = sampler.cfg.nodes
+    alloc = check_allocation(nodes, alloc)
+    work = Path(sampler.cfg.shard_dir) / uuid.uuid4().hex[:12]
+    request = write_request(work, sampler, encoded, n, temperature, max_new_tokens, seed, nodes)
+    cmd = per_node_command(["-m", "irpo.sampling.shards", str(request.resolve())],
+                           nodes=nodes, alloc=alloc)
+    log.info("sampling on %d nodes: %s", nodes, " ".join(cmd))
+    run(cmd, check=True)
+    gens = merge_shards(work, len(encoded), nodes)
+    shutil.rmtree(work, ignore_errors=True)
+    return gens
+
+
+def main(args: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m irpo.sampling.shards",
+                                     description=__doc__.split("\n")[0])
+    parser.add_argument("request", type=Path)
+    parser.add_argument("--shard", type=int, default=None,
+                        help="which shard (default: SLURM_PROCID, one task per node)")
+    ns = parser.parse_args(args)
+    shard = ns.shard if ns.shard is not None else int(os.environ.get("SLURM_PROCID", "0"))
+    logging.basicConfig(level=logging.INFO)
+    print(run_shard(ns.request, shard))
+
+
+if __name__ == "__main__":
+    main()

