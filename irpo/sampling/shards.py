@@ -3,7 +3,7 @@
 Used by :class:`irpo.sampling.vllm.VLLMSampler` when ``sampler.nodes`` > 1
 inside a SLURM allocation. The driver writes the call (encoded prompts, n,
 temperature, seed, the sampler config) to ``<shard_dir>/<id>/request.json``
-on the shared file system and runs, through
+(by default next to the checkpoint, which every node reads) and runs, through
 :func:`irpo.launch.per_node_command`,
 
     srun --nodes=N --ntasks-per-node=1 ... python -m irpo.sampling.shards <request.json>
@@ -58,6 +58,18 @@ def check_allocation(nodes: int, alloc: Any = None) -> Any:
     if len(alloc.nodes) < nodes:
         raise ValueError(f"sampler.nodes={nodes}: the allocation has {len(alloc.nodes)} node(s)")
     return alloc
+
+
+def shard_root(shard_dir: str | None, model_path: str) -> Path:
+    """Where requests and shards go: ``shard_dir``, else next to the checkpoint (which
+    every node reads anyway, so it is on a shared file system)."""
+    if shard_dir is not None:
+        return Path(shard_dir).resolve()
+    model = Path(model_path)
+    if not model.is_dir():
+        raise ValueError(f"sampler.nodes > 1 with model {model_path!r} (not a local directory): "
+                         "set sampler.shard_dir to a directory every node can read and write")
+    return model.resolve().parent / "vllm-shards"
 
 
 def write_request(work: Path, sampler: Any, encoded: list[list[int]], n: int, temperature: float,
@@ -131,7 +143,7 @@ def generate_on_nodes(sampler: Any, encoded: list[list[int]], n: int, temperatur
 
     nodes = sampler.cfg.nodes
     alloc = check_allocation(nodes, alloc)
-    work = Path(sampler.cfg.shard_dir) / uuid.uuid4().hex[:12]
+    work = shard_root(sampler.cfg.shard_dir, sampler.model_path) / uuid.uuid4().hex[:12]
     request = write_request(work, sampler, encoded, n, temperature, max_new_tokens, seed, nodes)
     cmd = per_node_command(["-m", "irpo.sampling.shards", str(request.resolve())],
                            nodes=nodes, alloc=alloc)

@@ -55,7 +55,13 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-from irpo.modeling import context_length, encode_prompt, encode_response, eos_token_ids, load_tokenizer
+from irpo.modeling import (
+    context_length,
+    encode_prompt,
+    encode_response,
+    eos_token_ids,
+    load_tokenizer,
+)
 from irpo.sampling import Generation
 from irpo.sampling.hf import _check_args
 
@@ -125,6 +131,12 @@ class VLLMSampler:
             on_cpu and cfg.tensor_parallel_size == 1)
         extra: dict[str, Any] = {}
         env = _cpu_environment(cfg, in_process) if on_cpu else {}
+        if on_cpu:
+            # A prompt prefilled in chunks has the tokens sampled at its partial steps
+            # discarded, and vLLM then rewinds the request's seeded generator by an
+            # offset that only CUDA generators have ("CPU Generator does not use
+            # offset"). Whole prefills avoid it; each still fits max_num_batched_tokens.
+            extra["enable_chunked_prefill"] = False
         if in_process and cfg.tensor_parallel_size == 1:
             extra["distributed_executor_backend"] = "uni"
         if cfg.max_num_seqs is not None:
