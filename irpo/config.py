@@ -121,7 +121,7 @@ class VLLMSamplerConfig(SamplerConfig):
     gpu_memory_utilization: float = 0.9
     max_model_len: int | None = None  # None -> the model's max_position_embeddings
     max_num_seqs: int | None = None  # sequences decoded together; None -> vLLM's default
-    enforce_eager: bool = False  # True on CPUs
+    enforce_eager: bool | None = None  # None -> True on CPUs, False on GPUs (CUDA graphs)
     return_logprobs: bool = False  # Generation.logprob: reference log-probs of the next stage
     cpu_kvcache_gib: int | None = 1  # VLLM_CPU_KVCACHE_SPACE (CPU only); None -> vLLM's default
     in_process: bool | None = None  # engine in the caller's process; None -> on CPU with tp=1
@@ -154,8 +154,8 @@ class TrainerConfig:
 
 @dataclass
 class DeepSpeedTrainerConfig(TrainerConfig):
-    zero_stage: int = 3
-    num_processes: int = 2
+    zero_stage: int = 3  # 2 or 3
+    num_processes: int = 2  # workers per node; a SLURM stage spans every node of the allocation
     backend: str = "auto"  # nccl on GPUs, gloo on CPUs
 
 
@@ -248,6 +248,8 @@ class ConfigError(ValueError):
 def validate(cfg: Config) -> None:
     """Cross-field rules the schemas cannot express. Raises ConfigError."""
     m = cfg.method
+    # trainer=deepspeed: every process takes an equal share of each micro-batch.
+    zero, procs = getattr(cfg.trainer, "zero_stage", 3), getattr(cfg.trainer, "num_processes", 1)
     checks: list[tuple[bool, str]] = [
         (
             m.data in ("gold", "correct", "pairs"),
@@ -282,6 +284,12 @@ def validate(cfg: Config) -> None:
             f"trainer.grad_accum={cfg.trainer.grad_accum}",
         ),
         (cfg.trainer.checkpoints >= 1, f"trainer.checkpoints={cfg.trainer.checkpoints} must be >= 1"),
+        (zero in (2, 3), f"trainer.zero_stage={zero}: trainer=deepspeed runs ZeRO stage 2 or 3"),
+        (
+            cfg.trainer.batch_size % (cfg.trainer.grad_accum * procs) == 0,
+            f"trainer.batch_size={cfg.trainer.batch_size} must be a multiple of trainer.grad_accum="
+            f"{cfg.trainer.grad_accum} x trainer.num_processes={procs} (x nodes on SLURM)",
+        ),
         (
             cfg.trainer.schedule in ("linear", "cosine", "constant"),
             f"trainer.schedule={cfg.trainer.schedule!r} must be linear, cosine or constant",

@@ -11,4 +11,8 @@ def get_trainer(name: str) -> Callable:
         from irpo.training.torch_trainer import train
 
         return train
-    raise ValueError(f"trainer.name={name!r} is not a known trainer backend; known: torch")
+    if name == "deepspeed":
+        from irpo.training.deepspeed_trainer import train
+
+        return train
+    raise ValueError(f"trainer.name={name!r} is not a known trainer backend; known: torch, deepspeed")

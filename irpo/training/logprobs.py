@@ -15,23 +15,31 @@ from irpo.losses import sequence_logprobs
 from irpo.training.data import TokenizedExample, pair_batch
 
 
-def batch_logprobs(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sum of response-token log-probs, response length) per row of ``batch``."""
+def batch_logprobs(model, batch: dict[str, torch.Tensor], device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of response-token log-probs, response length) per row of ``batch`` (moved to ``device``)."""
+    if device is not None:
+        batch = {k: v.to(device) for k, v in batch.items()}
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     return sequence_logprobs(logits, batch["labels"])
 
 
-@torch.inference_mode()
+# no_grad, not inference_mode: under DeepSpeed ZeRO-3 this forward gathers
+# parameters, and small ones stay gathered; created in inference mode they
+# would be inference tensors, and the first training step fails ("Inference
+# tensors cannot be saved for backward").
+@torch.no_grad()
 def reference_logprobs(
-    model, examples: list[TokenizedExample], pad_id: int, batch_size: int, desc: str = "reference log-probs"
+    model, examples: list[TokenizedExample], pad_id: int, batch_size: int,
+    desc: str = "reference log-probs", device=None, show_progress: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Reference log-probs of every chosen (and rejected) response, in example order."""
     was_training = model.training
     model.eval()
     chosen, rejected = [], []
-    for start in tqdm(range(0, len(examples), batch_size), desc=desc, unit="batch"):
+    starts = range(0, len(examples), batch_size)
+    for start in tqdm(starts, desc=desc, unit="batch", disable=not show_progress):
         part = examples[start : start + batch_size]
-        logps, _ = batch_logprobs(model, pair_batch(part, pad_id))
+        logps, _ = batch_logprobs(model, pair_batch(part, pad_id), device)
         chosen.append(logps[: len(part)])
         if part[0].rejected is not None:
             rejected.append(logps[len(part) :])

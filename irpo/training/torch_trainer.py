@@ -57,9 +57,13 @@ def nll_weight(cfg) -> float:
     return cfg.alpha if cfg.method.dpo else 1.0
 
 
-def step_loss(model, micro, refs, cfg, pad_id: int, scale: float):
-    """Forward + backward of one micro-batch; returns its LossOutput."""
-    logps, lengths = batch_logprobs(model, pair_batch(micro, pad_id))
+def micro_loss(model, micro, refs, cfg, pad_id: int, device=None):
+    """Forward of one micro-batch (chosen and rejected rows together) and its LossOutput.
+
+    Shared by every backend; the caller runs backward (the torch trainer scales
+    the loss itself, DeepSpeed's engine scales by its accumulation steps).
+    """
+    logps, lengths = batch_logprobs(model, pair_batch(micro, pad_id), device)
     b = len(micro)
     kwargs = {}
     if cfg.method.dpo:
@@ -68,8 +72,33 @@ def step_loss(model, micro, refs, cfg, pad_id: int, scale: float):
         logps[:b], lengths[:b], cfg.beta, nll_weight(cfg),
         dpo_weight=1.0 if cfg.method.dpo else 0.0, **kwargs,
     )
-    (out.loss * scale).backward()
     return out, logps, b
+
+
+def tokenize_for(model, tokenizer, examples: list[dict]):
+    """(tokenized examples, truncated responses) under the model's context length."""
+    toks, truncated = tokenize_examples(tokenizer, examples, context_length(model) or 1_000_000)
+    if truncated:
+        log.warning("%d responses were cut to the model's max length", truncated)
+    return toks, truncated
+
+
+def make_scheduler(optimizer, tcfg, steps: int):
+    """Warm-up then ``tcfg.schedule`` decay over ``steps`` optimiser steps."""
+    return get_scheduler(
+        "constant_with_warmup" if tcfg.schedule == "constant" else tcfg.schedule, optimizer,
+        num_warmup_steps=int(tcfg.warmup_ratio * steps), num_training_steps=steps,
+    )
+
+
+def should_log(step: int, steps: int, tcfg) -> bool:
+    return step % tcfg.log_every == 0 or step == steps
+
+
+def save_checkpoint(model, tokenizer, path: Path, state_dict=None) -> None:
+    """A Hugging Face checkpoint directory: config, safetensors weights, tokenizer."""
+    model.save_pretrained(path, state_dict=state_dict, safe_serialization=True)
+    tokenizer.save_pretrained(path)
 
 
 def train(cfg, init_path: Path, examples: list[dict], out_dir: Path,
@@ -83,9 +112,7 @@ def train(cfg, init_path: Path, examples: list[dict], out_dir: Path,
     torch.manual_seed(seed)
     model, tokenizer = load_model(init_path, cfg.model.dtype)
     pad_id = tokenizer.pad_token_id
-    toks, truncated = tokenize_examples(tokenizer, examples, context_length(model) or 1_000_000)
-    if truncated:
-        log.warning("%d responses were cut to the model's max length", truncated)
+    toks, truncated = tokenize_for(model, tokenizer, examples)
     refs_all = None
     if cfg.method.dpo:
         refs_all = reference_logprobs(model, toks, pad_id, tcfg.batch_size)
@@ -93,10 +120,7 @@ def train(cfg, init_path: Path, examples: list[dict], out_dir: Path,
     steps = plan_steps(len(toks), tcfg)
     save_at = checkpoint_steps(steps, tcfg.checkpoints)
     optimizer = torch.optim.AdamW(model.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay)
-    scheduler = get_scheduler(
-        "constant_with_warmup" if tcfg.schedule == "constant" else tcfg.schedule, optimizer,
-        num_warmup_steps=int(tcfg.warmup_ratio * steps), num_training_steps=steps,
-    )
+    scheduler = make_scheduler(optimizer, tcfg, steps)
     micro_size = tcfg.batch_size // tcfg.grad_accum
     history: list[dict[str, float]] = []
     checkpoints = []
@@ -105,10 +129,10 @@ def train(cfg, init_path: Path, examples: list[dict], out_dir: Path,
         parts = [idx[i : i + micro_size] for i in range(0, len(idx), micro_size)]
         sums: dict[str, float] = {}
         for part in parts:
-            micro = [toks[i] for i in part]
             refs = (refs_all[0][part], refs_all[1][part]) if refs_all else None
-            out, logps, b = step_loss(model, micro, refs, cfg, pad_id, len(part) / len(idx))
-            _accumulate(sums, out, logps, b, refs, len(part) / len(idx))
+            out, logps, b = micro_loss(model, [toks[i] for i in part], refs, cfg, pad_id)
+            (out.loss * (len(part) / len(idx))).backward()
+            accumulate_metrics(sums, out, logps, b, refs, len(part) / len(idx))
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.max_grad_norm)
         optimizer.step()
         scheduler.step()
@@ -116,18 +140,23 @@ def train(cfg, init_path: Path, examples: list[dict], out_dir: Path,
         metrics = {**sums, "train/grad_norm": float(grad_norm), "train/lr": scheduler.get_last_lr()[0]}
         history.append(metrics)
         bar.set_postfix(loss=f"{metrics['train/loss']:.4f}")
-        if step % tcfg.log_every == 0 or step == steps:
+        if should_log(step, steps, tcfg):
             log_metrics(metrics, step_offset + step)
         if step in save_at:
-            path = out_dir / f"ckpt-{step}"
-            model.save_pretrained(path, safe_serialization=True)
-            tokenizer.save_pretrained(path)
-            checkpoints.append(path)
-    return {"steps": steps, "examples": len(toks), "truncated_responses": truncated,
+            checkpoints.append(out_dir / f"ckpt-{step}")
+            save_checkpoint(model, tokenizer, checkpoints[-1])
+    return stage_summary(steps, len(toks), truncated, checkpoints, history)
+
+
+def stage_summary(steps: int, examples: int, truncated: int, checkpoints: list[Path],
+                  history: list[dict[str, float]]) -> dict:
+    """What every trainer backend returns to the driver's train stage."""
+    return {"steps": steps, "examples": examples, "truncated_responses": truncated,
             "checkpoints": [p.name for p in checkpoints], **_end_summary(history)}
 
 
-def _accumulate(sums: dict, out, logps, b: int, refs, weight: float) -> None:
+def accumulate_metrics(sums: dict, out, logps, b: int, refs, weight: float) -> None:
+    """Add one micro-batch's metrics, weighted by its share of the step's batch, to ``sums``."""
     values = {
         "train/loss": out.loss, "train/dpo": out.dpo, "train/nll": out.nll,
         "logps/chosen": logps[:b].mean(),
