@@ -1,0 +1,181 @@
+"""Where a training step's time goes: torch.profiler over steady-state steps of each side.
+
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/profile_step.py [--workdir outputs/bench/train_step]
+
+Uses the model and pairs that benchmarks/train_step.py built in ``--workdir`` (builds them if
+missing), runs ours and TRL (with ``precompute_ref_log_probs``, the same FLOPs per step) under
+the profiler, skips the first two steps, records three, and groups the operators' self CPU time
+into matmul, attention, loss, elementwise/norm, optimiser and the rest; what no operator
+accounts for is Python and framework overhead. Writes benchmarks/results/train_step_profile.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+WAIT, WARMUP, ACTIVE = 1, 1, 3  # profiler schedule in steps; step 0 is load + reference + step 1
+CATEGORIES = (  # first match wins; names are aten operator names
+    ("matmul", r"^aten::(mm|addmm|bmm|baddbmm)$"),
+    ("attention", r"scaled_dot_product|flash_attention|_efficient_attention"),
+    ("loss (log-softmax, logsumexp, gather)", r"logsumexp|log_softmax|_log_softmax|gather|logsigmoid"),
+    ("elementwise, norms, activations, optimiser updates",
+     r"^aten::(mul|add|sub|div|neg|silu|silu_backward|rsqrt|pow|mean|sum|cos|sin|cat|exp|where|"
+     r"masked_fill|embedding_dense_backward|index_select|embedding|_foreach_\w+|\w+_)$"),
+    ("copies, views, allocation", r"^aten::(copy_|clone|contiguous|empty\w*|zeros\w*|fill_|zero_|to|"
+                                  r"_to_copy|transpose|view|reshape|t|expand|slice|select|unsqueeze|"
+                                  r"as_strided|permute|resize_)$"),
+)
+
+
+def categorise(name: str) -> str:
+    for label, pattern in CATEGORIES:
+        if re.search(pattern, name):
+            return label
+    return "other operators"
+
+
+def profiled(run):
+    """Run ``run(step_hook)`` under the profiler; ``step_hook`` is called at every step end."""
+    from torch.profiler import ProfilerActivity, profile, schedule
+
+    marks: list[float] = []
+    prof = profile(activities=[ProfilerActivity.CPU],
+                   schedule=schedule(wait=WAIT, warmup=WARMUP, active=ACTIVE, repeat=1))
+
+    def step_hook():
+        marks.append(time.perf_counter())
+        prof.step()
+
+    with prof:
+        run(step_hook)
+    first_active = WAIT + WARMUP - 1  # marks[i] is the end of step i+1
+    wall = marks[first_active + ACTIVE] - marks[first_active]
+    averages = prof.key_averages()
+    ops = [e for e in averages if e.key.startswith("aten::")]
+    optimiser = sum(e.cpu_time_total for e in averages if e.key.startswith("Optimizer.step#"))
+    by_cat: dict[str, float] = {}
+    for e in ops:
+        by_cat[categorise(e.key)] = by_cat.get(categorise(e.key), 0.0) + e.self_cpu_time_total / 1e6
+    op_total = sum(by_cat.values())
+    top = sorted(ops, key=lambda e: -e.self_cpu_time_total)[:15]
+    return {
+        "wall_per_step_s": wall / ACTIVE,
+        "categories_s_per_step": {k: v / ACTIVE for k, v in sorted(by_cat.items(), key=lambda kv: -kv[1])},
+        "not_in_operators_s_per_step": (wall - op_total) / ACTIVE,
+        "optimizer_step_total_s_per_step": optimiser / 1e6 / ACTIVE,
+        "top_ops": [{"op": e.key, "self_s_per_step": e.self_cpu_time_total / 1e6 / ACTIVE, "calls_per_step":
+                     e.count / ACTIVE} for e in top],
+        "operator_calls_per_step": sum(e.count for e in ops) / ACTIVE,
+    }
+
+
+def profile_ours(workdir: Path, pairs: list[dict], args) -> dict:
+    def run(hook):
+        import irpo.training.torch_trainer as tt
+        from irpo.config import (
+            ArithConfig,
+            Config,
+            MethodConfig,
+            ModelConfig,
+            SamplerConfig,
+            TrainerConfig,
+        )
+
+        cfg = Config(dataset=ArithConfig(), model=ModelConfig(name="bench", path=str(workdir / "model")),
+                     method=MethodConfig(name="rpo"), sampler=SamplerConfig(name="hf"),
+                     trainer=TrainerConfig(name="torch", lr=args.lr, batch_size=args.batch_size,
+                                           warmup_ratio=0.1, schedule="linear"),
+                     beta=0.1, alpha=args.alpha)
+        with tempfile.TemporaryDirectory() as tmp:
+            tt.train(cfg, workdir / "model", pairs, Path(tmp), lambda m, s: hook(), 0, 0)
+
+    return profiled(run)
+
+
+def profile_trl(workdir: Path, pairs: list[dict], args) -> dict:
+    from train_step_worker import make_trl_trainer
+    from transformers import TrainerCallback
+
+    def run(hook):
+        class Hook(TrainerCallback):
+            def on_step_end(self, *a, **kw):
+                hook()
+
+        with tempfile.TemporaryDirectory() as tmp:
+            targs = argparse.Namespace(alpha=args.alpha, beta=0.1, lr=args.lr,
+                                       batch_size=args.batch_size, seed=0)
+            trainer, _ = make_trl_trainer("trl_pre", workdir / "model", pairs, targs, Path(tmp), [Hook()])
+            trainer.train()
+
+    return profiled(run)
+
+
+def markdown(result: dict) -> str:
+    out = ["# Where a training step's time goes (torch.profiler, CPU)", "",
+           "Produced by `OMP_NUM_THREADS=1 .venv/bin/python benchmarks/profile_step.py`: the "
+           f"benchmark's model and pairs, batch {result['batch_size']}, {ACTIVE} steady-state steps "
+           "per side under the profiler (which slows small operators down, so the overhead share is "
+           "an upper bound). Seconds per step, operator self CPU time.", ""]
+    sides = list(result["sides"])
+    cats = []
+    for s in sides:
+        cats += [c for c in result["sides"][s]["categories_s_per_step"] if c not in cats]
+    out += ["| | " + " | ".join(sides) + " |", "|---|" + "---|" * len(sides)]
+    for c in cats:
+        out.append(f"| {c} | " + " | ".join(
+            f"{result['sides'][s]['categories_s_per_step'].get(c, 0.0):.3f}" for s in sides) + " |")
+    out.append("| not in any operator (Python, autograd engine, profiler) | " + " | ".join(
+        f"{result['sides'][s]['not_in_operators_s_per_step']:.3f}" for s in sides) + " |")
+    out.append("| **wall per step** | " + " | ".join(
+        f"**{result['sides'][s]['wall_per_step_s']:.3f}**" for s in sides) + " |")
+    out.append("| of which AdamW `optimizer.step()` (all its operators) | " + " | ".join(
+        f"{result['sides'][s]['optimizer_step_total_s_per_step']:.3f}" for s in sides) + " |")
+    out.append("| operator calls per step | " + " | ".join(
+        f"{result['sides'][s]['operator_calls_per_step']:.0f}" for s in sides) + " |")
+    for s in sides:
+        out += ["", f"Top operators, {s}:", "", "| op | self s/step | calls/step |", "|---|---|---|"]
+        out += [f"| `{t['op']}` | {t['self_s_per_step']:.3f} | {t['calls_per_step']:.0f} |"
+                for t in result["sides"][s]["top_ops"][:10]]
+    return "\n".join(out) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--workdir", type=Path, default=REPO / "outputs" / "bench" / "train_step")
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--alpha", type=float, default=4.0)
+    ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "train_step_profile"))
+    args = ap.parse_args()
+    import torch
+
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    from bench_inputs import build_inputs, read_pairs
+
+    steps = WAIT + WARMUP + ACTIVE + 1
+    need = steps * args.batch_size
+    if not (args.workdir / "pairs.jsonl").exists() or len(read_pairs(args.workdir / "pairs.jsonl")) < need:
+        build_inputs(args.workdir, need)
+    pairs = read_pairs(args.workdir / "pairs.jsonl")[:need]
+    result = {"batch_size": args.batch_size, "sides": {
+        "ours": profile_ours(args.workdir, pairs, args),
+        "trl_pre": profile_trl(args.workdir, pairs, args),
+    }}
+    Path(args.out + ".json").write_text(json.dumps(result, indent=2))
+    Path(args.out + ".md").write_text(markdown(result))
+    print(markdown(result))
+
+
+if __name__ == "__main__":
+    main()

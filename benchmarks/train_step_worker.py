@@ -1,0 +1,233 @@
+"""One side of the training-step benchmark, in its own process so its peak RSS is its own.
+
+    python benchmarks/train_step_worker.py --side ours|trl|trl_pre|trl_default \\
+        --workdir DIR --out result.json [--alpha 4 --lr 1e-4 --batch-size 16]
+
+Trains one epoch over ``DIR/pairs.jsonl`` starting from ``DIR/model`` (see bench_inputs.py)
+and writes the timings to ``--out``. Sides:
+
+* ``ours``: ``irpo.training.torch_trainer.train``, what the driver's train stage calls
+  (reference log-probs in one pass over the pairs, then one forward per step);
+* ``trl``: TRL's ``DPOTrainer`` with ``loss_type=["sigmoid", "sft"]``, ``loss_weights=[1, alpha]``
+  and a reference model forward every step;
+* ``trl_pre``: the same with ``precompute_ref_log_probs=True`` (one pass before training);
+* ``trl_default``: ``trl`` with TRL's default gradient checkpointing left on.
+
+Every side runs fp32, the same batch size, learning rate, linear schedule with 10% warm-up,
+AdamW (weight decay 0), clipping at 1, dropout off, a metrics log every step and one save at
+the end. Step times are the intervals between consecutive end-of-step callbacks (ours: the
+per-step ``log_metrics`` call), so each includes one optimiser step and one metrics log.
+:func:`first_step_loss` runs one step of a side in-process (for the loss agreement check).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import resource
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+SIDES = ("ours", "trl", "trl_pre", "trl_default")
+
+
+def rss_mib() -> float:
+    """Peak RSS of this process image. Not ru_maxrss: that keeps the parent's peak across fork+exec."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def now() -> tuple[float, float]:
+    """(wall, CPU) seconds. CPU time is what the contention of a shared machine distorts least."""
+    return time.perf_counter(), time.process_time()
+
+
+def warmup_steps(steps: int) -> int:
+    return int(0.1 * steps)  # what irpo's trainer does for warmup_ratio=0.1
+
+
+def run_ours(model_dir: Path, pairs: list[dict], args, out_dir: Path) -> dict:
+    import irpo.training.torch_trainer as tt
+    from irpo.config import (
+        ArithConfig,
+        Config,
+        MethodConfig,
+        ModelConfig,
+        SamplerConfig,
+        TrainerConfig,
+    )
+
+    cfg = Config(
+        dataset=ArithConfig(), model=ModelConfig(name="bench", path=str(model_dir), dtype="float32"),
+        method=MethodConfig(name="rpo", data="pairs", dpo=True, nll=True), sampler=SamplerConfig(name="hf"),
+        trainer=TrainerConfig(name="torch", lr=args.lr, batch_size=args.batch_size, grad_accum=1,
+                              epochs=1.0, warmup_ratio=0.1, schedule="linear", max_grad_norm=1.0,
+                              checkpoints=1, log_every=1),
+        beta=args.beta, alpha=args.alpha)
+    marks: dict = {"step_end": [], "losses": []}
+    original = tt.reference_logprobs
+
+    def timed_reference(*a, **kw):  # the trainer's own pass, timed from outside
+        t = now()
+        result = original(*a, **kw)
+        marks["ref_end"] = now()
+        marks["ref"] = [marks["ref_end"][0] - t[0], marks["ref_end"][1] - t[1]]
+        return result
+
+    def log_metrics(metrics: dict, step: int) -> None:
+        marks["step_end"].append(now())
+        marks["losses"].append(metrics["train/loss"])
+
+    tt.reference_logprobs = timed_reference
+    try:
+        t0 = now()
+        tt.train(cfg, model_dir, pairs, out_dir, log_metrics, 0, args.seed)
+        t_end = now()
+    finally:
+        tt.reference_logprobs = original
+    return {"t0": t0, "t_end": t_end, "first_step_start": marks.get("ref_end", t0), **marks}
+
+
+def trl_config(side: str, args, steps: int, out_dir: Path, **extra):
+    from trl import DPOConfig
+
+    return DPOConfig(
+        output_dir=str(out_dir), per_device_train_batch_size=args.batch_size,
+        gradient_accumulation_steps=1, num_train_epochs=1, learning_rate=args.lr,
+        lr_scheduler_type="linear", warmup_steps=warmup_steps(steps), weight_decay=0.0,
+        max_grad_norm=1.0, beta=args.beta, loss_type=["sigmoid", "sft"], loss_weights=[1.0, args.alpha],
+        precompute_ref_log_probs=side == "trl_pre",
+        gradient_checkpointing=side == "trl_default",  # TRL's default is True; ours never does it
+        bf16=False, fp16=False, use_cpu=True, max_length=None, logging_steps=1, save_strategy="no",
+        report_to="none", disable_tqdm=True, dataloader_num_workers=0, seed=args.seed,
+        model_init_kwargs={"dtype": "float32"}, **extra)
+
+
+def make_trl_trainer(side: str, model_dir: Path, pairs: list[dict], args, out_dir: Path, callbacks=()):
+    from datasets import Dataset
+    from transformers import AutoTokenizer
+    from trl import DPOTrainer
+
+    marks: dict = {}
+
+    class TimedDPOTrainer(DPOTrainer):
+        """DPOTrainer unchanged except that its precompute pass is timed."""
+
+        def _precompute_ref_logps(self, *a, **kw):
+            t = now()
+            result = super()._precompute_ref_logps(*a, **kw)
+            end = now()
+            marks["ref"] = [end[0] - t[0], end[1] - t[1]]
+            return result
+
+    steps = -(-len(pairs) // args.batch_size)
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    dataset = Dataset.from_list([{k: p[k] for k in ("prompt", "chosen", "rejected")} for p in pairs])
+    trainer = TimedDPOTrainer(model=str(model_dir), args=trl_config(side, args, steps, out_dir),
+                              train_dataset=dataset, processing_class=tokenizer, callbacks=list(callbacks))
+    return trainer, marks
+
+
+def run_trl(side: str, model_dir: Path, pairs: list[dict], args, out_dir: Path) -> dict:
+    from transformers import TrainerCallback
+
+    timeline: dict = {"step_end": [], "losses": []}
+
+    class Timer(TrainerCallback):
+        def on_step_begin(self, a, state, control, **kw):
+            timeline.setdefault("first_step_start", now())
+
+        def on_step_end(self, a, state, control, **kw):
+            timeline["step_end"].append(now())
+
+        def on_log(self, a, state, control, logs=None, **kw):
+            if logs and "loss" in logs:
+                timeline["losses"].append(logs["loss"])
+
+    t0 = now()
+    trainer, marks = make_trl_trainer(side, model_dir, pairs, args, out_dir, [Timer()])
+    trainer.train()
+    trainer.save_model(str(out_dir / "final"))  # ours saves its one checkpoint too
+    return {"t0": t0, "t_end": now(), **marks, **timeline}
+
+
+def summarise(side: str, raw: dict, n_pairs: int, batch_size: int, rss_import: float) -> dict:
+    out = {"side": side, "pairs": n_pairs, "steps": len(raw["step_end"]), "batch_size": batch_size,
+           "losses": raw["losses"], "rss_after_import_mib": rss_import, "peak_rss_mib": rss_mib()}
+    for i, clock in enumerate(("wall", "cpu")):
+        ends = [m[i] for m in raw["step_end"]]
+        ref = raw["ref"][i] if "ref" in raw else 0.0
+        out[clock] = {
+            # everything before the first step but the reference pass: load, tokenise, build
+            "setup_s": raw["first_step_start"][i] - raw["t0"][i] - ref,
+            "ref_s": ref,
+            "step_s": [ends[0] - raw["first_step_start"][i]] + [b - a for a, b in itertools.pairwise(ends)],
+            "after_steps_s": raw["t_end"][i] - ends[-1],  # the final save
+            "stage_s": raw["t_end"][i] - raw["t0"][i],
+        }
+    return out
+
+
+def first_step_loss(side: str, model_dir: Path, pairs: list[dict], alpha: float, beta: float = 0.1,
+                    lr: float = 1e-4, seed: int = 0) -> float:
+    """The loss of the first (only) step on ``pairs`` as one batch: both sides see the same batch."""
+    args = argparse.Namespace(alpha=alpha, beta=beta, lr=lr, batch_size=len(pairs), seed=seed)
+    with tempfile.TemporaryDirectory() as tmp:
+        if side == "ours":
+            raw = run_ours(model_dir, pairs, args, Path(tmp))
+        else:
+            raw = run_trl(side, model_dir, pairs, args, Path(tmp))
+    if len(raw["losses"]) != 1:
+        raise AssertionError(f"{side}: expected one logged step, got {raw['losses']}")
+    return float(raw["losses"][0])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--side", choices=SIDES, required=True)
+    ap.add_argument("--workdir", type=Path, required=True)
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--alpha", type=float, default=4.0)
+    ap.add_argument("--beta", type=float, default=0.1)
+    ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    tmp = tempfile.mkdtemp(prefix="irpo-bench-")
+    os.environ["HF_DATASETS_CACHE"] = str(Path(tmp) / "datasets")  # no reuse between runs
+    import torch
+
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    if args.side == "ours":
+        import irpo.training.torch_trainer  # noqa: F401  (import cost outside the timings)
+    else:
+        import trl  # noqa: F401
+    from bench_inputs import read_pairs
+
+    pairs = read_pairs(args.workdir / "pairs.jsonl")
+    rss_import = rss_mib()
+    try:
+        if args.side == "ours":
+            raw = run_ours(args.workdir / "model", pairs, args, Path(tmp))
+        else:
+            raw = run_trl(args.side, args.workdir / "model", pairs, args, Path(tmp))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    result = summarise(args.side, raw, len(pairs), args.batch_size, rss_import)
+    result["threads"] = torch.get_num_threads()
+    args.out.write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
