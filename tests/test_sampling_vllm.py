@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -247,3 +248,10 @@ def test_one_iteration_with_vllm(tmp_path):
     assert (run / "iter1/train/model/model.safetensors").exists()
     assert proc.log.count("vLLM engine for") == 2  # M0 (eval + sampling share it), then M1
     assert "| iter |" in proc.stdout
+    con = sqlite3.connect(tmp_path / "mlflow.db")
+    (status,) = con.execute("select status from runs").fetchone()
+    steps = dict(con.execute("select step, value from metrics where key='test/accuracy'"))
+    params = dict(con.execute("select key, value from params"))
+    con.close()
+    assert status == "FINISHED" and params["sampler.name"] == "vllm"
+    assert steps[1] == pytest.approx(acc) and set(steps) == {0, 1}
