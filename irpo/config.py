@@ -150,6 +150,9 @@ class TrainerConfig:
     max_grad_norm: float = 1.0
     checkpoints: int = 1  # checkpoints per iteration; >1 -> keep best on validation
     log_every: int = 1
+    # Keep only each decoder layer's input in the forward and recompute the rest in the
+    # backward (one extra forward): a 70B model's activations then fit (docs/cluster.md).
+    gradient_checkpointing: bool = False
 
 
 @dataclass

@@ -65,6 +65,7 @@ from irpo.training.torch_trainer import (
     micro_loss,
     plan_steps,
     save_checkpoint,
+    set_gradient_checkpointing,
     should_log,
     stage_summary,
     tokenize_for,
@@ -248,6 +249,7 @@ def _load_engine(cfg, init_path: str, ds_config: dict, device, steps: int):
     hf_ds = HfDeepSpeedConfig(ds_config) if ds_config["zero_optimization"]["stage"] == 3 else None
     model, tokenizer = load_model(init_path, cfg.model.dtype, device=device)
     tcfg = cfg.trainer
+    set_gradient_checkpointing(model, tcfg)  # before deepspeed.initialize, as HF's Trainer does
     optimizer = torch.optim.AdamW(model.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay)
     scheduler = make_scheduler(optimizer, tcfg, steps)
     engine, _, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer,
@@ -255,8 +257,9 @@ def _load_engine(cfg, init_path: str, ds_config: dict, device, steps: int):
     del hf_ds
     # Under ZeRO-3 each parameter holds only this rank's partition; ds_numel is its full size.
     count = sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters())
-    log.info("ZeRO-%d engine on %s: %.2fM parameters", ds_config["zero_optimization"]["stage"],
-             device, count / 1e6)
+    log.info("ZeRO-%d engine on %s: %.2fM parameters%s", ds_config["zero_optimization"]["stage"],
+             device, count / 1e6,
+             ", gradient checkpointing" if engine.module.is_gradient_checkpointing else "")
     return engine, scheduler, tokenizer
 
 

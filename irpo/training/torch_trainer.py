@@ -75,6 +75,16 @@ def micro_loss(model, micro, refs, cfg, pad_id: int, device=None):
     return out, logps, b
 
 
+def set_gradient_checkpointing(model, tcfg) -> None:
+    """``trainer.gradient_checkpointing``: recompute each layer's activations in the backward.
+
+    Transformers' non-reentrant checkpointing (its default); it applies in training mode
+    only, so the reference log-prob pass runs as before.
+    """
+    if tcfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+
+
 def tokenize_for(model, tokenizer, examples: list[dict]):
     """(tokenized examples, truncated responses) under the model's context length."""
     toks, truncated = tokenize_examples(tokenizer, examples, context_length(model) or 1_000_000)
@@ -111,6 +121,7 @@ def train(cfg, init_path: Path, examples: list[dict], out_dir: Path,
     tcfg = cfg.trainer
     torch.manual_seed(seed)
     model, tokenizer = load_model(init_path, cfg.model.dtype)
+    set_gradient_checkpointing(model, tcfg)
     pad_id = tokenizer.pad_token_id
     toks, truncated = tokenize_for(model, tokenizer, examples)
     refs_all = None
