@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 
 from irpo.losses import sequence_logprobs
 from irpo.training.data import TokenizedExample, pair_batch
+from irpo.training.shared_prefix import pair_logprobs
 
 
 def batch_logprobs(model, batch: dict[str, torch.Tensor], device=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -31,15 +32,23 @@ def batch_logprobs(model, batch: dict[str, torch.Tensor], device=None) -> tuple[
 def reference_logprobs(
     model, examples: list[TokenizedExample], pad_id: int, batch_size: int,
     desc: str = "reference log-probs", device=None, show_progress: bool = True,
+    share_prompt: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Reference log-probs of every chosen (and rejected) response, in example order."""
+    """Reference log-probs of every chosen (and rejected) response, in example order.
+
+    ``share_prompt``: run each pair's prompt once (irpo.training.shared_prefix); use it
+    exactly when the training steps do, so policy and reference see the same arithmetic.
+    """
     was_training = model.training
     model.eval()
     chosen, rejected = [], []
     starts = range(0, len(examples), batch_size)
     for start in tqdm(starts, desc=desc, unit="batch", disable=not show_progress):
         part = examples[start : start + batch_size]
-        logps, _ = batch_logprobs(model, pair_batch(part, pad_id), device)
+        if share_prompt:
+            logps, _ = pair_logprobs(model, part, pad_id, device)
+        else:
+            logps, _ = batch_logprobs(model, pair_batch(part, pad_id), device)
         chosen.append(logps[: len(part)])
         if part[0].rejected is not None:
             rejected.append(logps[len(part) :])
