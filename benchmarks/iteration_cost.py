@@ -1,7 +1,7 @@
 """Iteration cost: wall time per stage of one default iteration, growth with prompts x samples.
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/iteration_cost.py [--repeats 2] [--scales 2]
-        [--out benchmarks/results/iteration_cost] [extra Hydra overrides]
+        [--budget-min M] [--out benchmarks/results/iteration_cost] [extra Hydra overrides]
 
 Runs ``python -m irpo.main iterations=1 tracking=none`` in a subprocess (via
 benchmarks/default_run.py's ``run_seed``, as a user would) at these configurations:
@@ -275,6 +275,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--scales", type=int, nargs="+", default=[2], help="scale factors besides 1x")
     ap.add_argument("--out", default=str(REPO / "benchmarks/results/iteration_cost"))
+    ap.add_argument("--budget-min", type=float, default=None,
+                    help="start another repeat only if it should finish within this many minutes")
     ap.add_argument("--allow-m0-build", action="store_true",
                     help="let the first run pre-train M0 when it is not cached")
     ap.add_argument("overrides", nargs="*", help="extra Hydra overrides for every run")
@@ -295,8 +297,16 @@ def main() -> None:
                 "seed": cfg["seed"], "m0": str(m0)}
     result = {"machine": machine(cfg), "defaults": defaults, "repeats": args.repeats,
               "overrides": args.overrides, "configs": configs, "runs": []}
-    work = Path(tempfile.mkdtemp(prefix="irpo-itercost-"))
+    work, t0 = Path(tempfile.mkdtemp(prefix="irpo-itercost-")), time.perf_counter()
     for i, item in enumerate(schedule(list(configs), args.repeats)):
+        done = item["repeat"]  # repeats finished so far, when this item starts a new one
+        elapsed = time.perf_counter() - t0
+        if args.budget_min and done and item["config"] == BASE \
+                and elapsed / done * (done + 1) > 60 * args.budget_min:
+            print(f"stopping after {done} repeats: another would pass --budget-min "
+                  f"{args.budget_min} ({elapsed / 60:.1f} min so far)", flush=True)
+            result["repeats"] = done
+            break
         print(f"[{i + 1}] {item['config']} repeat {item['repeat']} "
               f"(load {os.getloadavg()[0]:.2f})", flush=True)
         r = run_one(item, configs[item["config"]], args.overrides, cfg["seed"], work)

@@ -133,3 +133,17 @@ def test_summary_from_fake_done_markers(defaults, tmp_path, monkeypatch):
     md = out.with_suffix(".md").read_text()
     assert f"train_size={p} prompts" in md and "| 2x_samples |" in md
     assert md.count("\n| 2x_prompts | 2.00 | 2.00 | 2.00 | 1.00 | 2.00 | 2.00 | 1.00 |") == 1
+
+
+def test_budget_stops_at_a_repeat_boundary(defaults, tmp_path, monkeypatch):
+    monkeypatch.setattr(subprocess, "run", _fake_main(defaults, subprocess.run))
+    out = tmp_path / "iteration_cost"
+    monkeypatch.setattr(sys, "argv", ["iteration_cost.py", "--out", str(out), "--allow-m0-build",
+                                      "--repeats", "3", "--budget-min", "1e-9"])
+    ic.main()
+    result = json.loads(out.with_suffix(".json").read_text())
+    assert [r["config"] for r in result["runs"]] == ["1x", "2x_prompts", "2x_samples"]
+    assert result["repeats"] == 1
+    table = result["summary"]["configs"]
+    assert table["1x"]["eval_s"] is None  # its only run evaluated with maj@k
+    assert table["2x_samples"]["ratio"]["tokens"] == 2
