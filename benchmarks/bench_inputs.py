@@ -114,14 +114,25 @@ def step_flops(model_config, sequences: int, seq_len: int, passes: float) -> flo
     """Matmul FLOPs of ``passes`` forward-equivalents over ``sequences`` x ``seq_len`` tokens.
 
     One forward is 2 FLOPs per weight per token (the tied LM head counted as a matmul, the
-    embedding lookup not) plus attention's QK^T and AV, 4 * layers * seq_len * hidden per
+    embedding lookup not) plus attention's QK^T and AV, 4 * layers * context * hidden per
     token (counting the full square, as the SDPA kernel computes it). A training step of
     the policy is 3 passes (forward, backward = 2x); a reference forward adds 1.
     """
-    c = model_config
+    return passes * sequences * seq_len * _per_token(model_config, seq_len)
+
+
+def shared_prefix_flops(model_config, pairs: int, prompt_len: int, response_len: int,
+                        passes: float) -> float:
+    """The same for pairs whose prompt runs once (irpo.training.shared_prefix): ``pairs``
+    prompts, then 2 x ``pairs`` responses attending to prompt + response."""
+    prompt = pairs * prompt_len * _per_token(model_config, prompt_len)
+    responses = 2 * pairs * response_len * _per_token(model_config, prompt_len + response_len)
+    return passes * (prompt + responses)
+
+
+def _per_token(c, context: int) -> float:
     d, layers, ff, vocab = c.hidden_size, c.num_hidden_layers, c.intermediate_size, c.vocab_size
     kv = c.num_key_value_heads * (d // c.num_attention_heads)
     per_layer = d * d * 2 + d * kv * 2 + 3 * d * ff  # q, o, k, v projections; gate, up, down
     weights = layers * per_layer + vocab * d
-    per_token = 2 * weights + 4 * layers * seq_len * d
-    return passes * per_token * sequences * seq_len
+    return 2 * weights + 4 * layers * context * d

@@ -32,7 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from bench_inputs import build_inputs, read_pairs, step_flops
+from bench_inputs import build_inputs, read_pairs, shared_prefix_flops, step_flops
 
 DEFAULT_SIDES = ("ours", "trl", "trl_pre")
 LOSS_TOL = {"abs_at_alpha0": 1e-5, "rel_at_alpha": 1e-5, "abs_varlen_prediction": 1e-4}
@@ -192,12 +192,16 @@ def main() -> None:
                   flush=True)
     peaks.append(matmul_peak())
     peak = max(p["peak_gflops"] for p in peaks)
-    pass_flops = step_flops(model_config, 2 * args.batch_size, seq_len, 1.0)
+    # FLOPs of one forward over a batch as each side runs it: ours runs a pair's prompt once.
+    pass_flops = {"two_rows": step_flops(model_config, 2 * args.batch_size, seq_len, 1.0),
+                  "shared_prefix": shared_prefix_flops(model_config, args.batch_size, inputs.prompt_tokens,
+                                                       inputs.response_tokens, 1.0)}
     n_steps = math.ceil(args.pairs / args.batch_size)
     summary = {}
     for side in args.sides:
         per_step_ref = side in ("trl", "trl_default")  # the reference forward runs inside the step
-        flops = {"step": pass_flops * (4 if per_step_ref else 3), "stage": pass_flops * 4 * n_steps}
+        fwd = pass_flops["shared_prefix" if side == "ours" else "two_rows"]
+        flops = {"step": fwd * (4 if per_step_ref else 3), "stage": fwd * 4 * n_steps}
         summary[side] = side_summary(runs[side], flops, peak, 2 * seq_len)
     result = {
         "machine": {**machine, "load_average_end": os.getloadavg()},
@@ -207,16 +211,17 @@ def main() -> None:
                  "prompt_tokens": inputs.prompt_tokens, "response_tokens": inputs.response_tokens,
                  "pairs_per_run": args.pairs, "batch_size": args.batch_size, "steps_per_run": n_steps,
                  "lr": args.lr, "alpha": args.alpha, "beta": 0.1, "dtype": "float32",
-                 "forward_gflops_per_batch": pass_flops / 1e9},
+                 "forward_gflops_per_batch": {k: v / 1e9 for k, v in pass_flops.items()}},
         "loss_checks": checks, "summary": summary,
         "ratios_ours_over": {s: ratios(runs, s) for s in args.sides if s != "ours"},
         "runs": runs, "benchmark_wall_s": time.perf_counter() - t_start,
     }
     Path(args.out + ".json").write_text(json.dumps(result, indent=2))
-    from train_step_report import markdown
+    from train_step_report import load_before, markdown
 
-    Path(args.out + ".md").write_text(markdown(result))
-    print(markdown(result))
+    text = markdown(result, load_before(Path(args.out + ".json")))
+    Path(args.out + ".md").write_text(text)
+    print(text)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,9 @@
 
     .venv/bin/python benchmarks/train_step_report.py benchmarks/results/train_step.json
 
-re-renders ``train_step.md`` from the JSON (train_step.py calls :func:`markdown` itself).
+re-renders ``train_step.md`` from the JSON (train_step.py calls :func:`markdown` itself),
+with a before/after table when ``train_step_two_rows.json`` (the benchmark before the trainer
+ran each pair's prompt once) lies next to it.
 """
 
 from __future__ import annotations
@@ -40,7 +42,8 @@ def _machine(r: dict) -> list[str]:
         f"{w['batch_size']} pairs), every sequence {w['prompt_tokens']} prompt + {w['response_tokens']} "
         f"response tokens (no padding on either side); lr {w['lr']:g}, linear schedule, 10% warm-up, "
         f"beta {w['beta']}, alpha {w['alpha']:g}. One forward over a batch = "
-        f"{w['forward_gflops_per_batch']:.1f} GFLOP.",
+        f"{w['forward_gflops_per_batch']['two_rows']:.1f} GFLOP as two rows per pair (TRL), "
+        f"{w['forward_gflops_per_batch']['shared_prefix']:.1f} GFLOP with each prompt run once (ours).",
     ]
 
 
@@ -92,7 +95,41 @@ def _checks(r: dict) -> list[str]:
     ]
 
 
-def markdown(r: dict) -> str:
+def _before_after(r: dict, before: dict) -> list[str]:
+    rows = ["| | ours step s (wall / CPU) | ours ÷ TRL (wall / CPU) | ours ÷ TRL precompute (wall / CPU) "
+            "| ours stage ÷ TRL stage (CPU) |", "|---|---|---|---|---|"]
+    for label, x in (("two rows per pair (before)", before), ("prompt once (now)", r)):
+        o, rat = x["summary"]["ours"], x["ratios_ours_over"]
+        rows.append(f"| {label} | {o['wall']['step_s']:.2f} / {o['cpu']['step_s']:.2f} | "
+                    f"{rat['trl']['wall']['step_throughput']:.2f} / {rat['trl']['cpu']['step_throughput']:.2f} | "
+                    f"{rat['trl_pre']['wall']['step_throughput']:.2f} / "
+                    f"{rat['trl_pre']['cpu']['step_throughput']:.2f} | "
+                    f"{rat['trl']['cpu']['stage_throughput']:.2f} |")
+    return ["", "## Before and after running each pair's prompt once", "",
+            "The same benchmark before the trainer ran a pair's prompt once (`train_step_two_rows.json`, "
+            "commit 654c455: chosen and rejected as two full rows, like TRL) and now:", ""] + rows
+
+
+NOTES = [
+    "", "## Set-up differences and notes", "",
+    "- TRL runs with `gradient_checkpointing=False` and `bf16=False`: its defaults are True "
+    "(recomputing every layer's forward in the backward, ~1.33x the FLOPs) and bf16 autocast; "
+    "ours never checkpoints unless `trainer.gradient_checkpointing=true`. Everything else is "
+    "TRL's default: AdamW is `adamw_torch_fused` there and `torch.optim.AdamW` (per-tensor loop "
+    "on CPU) here, ~0.02 s/step apart (train_step_profile.md).",
+    "- TRL's per-step extras: its fused LM head also computes entropy, mean logits and top-1 "
+    "accuracy for its metrics, and it scores every position on CPU (no Triton); with a "
+    "474-token vocabulary this is small.",
+    "- Padding: none here by construction. On real batches TRL pads chosen and rejected rows to "
+    "the longest prompt + response of the batch; ours pads prompts to the longest prompt and "
+    "responses to the longest response.",
+    "- With one epoch per iteration the reference pass (ours, `trl_pre`) and TRL's per-step "
+    "reference forward do the same FLOPs, so whole-stage ratios are smaller than step ratios; "
+    "the reference forward disappears when the sampler returns the log-probs (ref_logprobs.md).",
+]
+
+
+def markdown(r: dict, before: dict | None = None) -> str:
     out = ["# Training step: ours against TRL's DPOTrainer (RPO loss)", "",
            "Produced by `OMP_NUM_THREADS=1 .venv/bin/python benchmarks/train_step.py`; every number "
            "in `train_step.json`.", ""]
@@ -104,16 +141,26 @@ def markdown(r: dict) -> str:
         "step of each run left out), including one metrics log; *stage* = the whole training call "
         "(load, tokenise, reference log-probs, one epoch, save). Ratios > 1 mean ours is faster; "
         "they are medians of per-repeat ratios of back-to-back runs. CPU = process CPU time, which "
-        "other jobs on the shared cores distort less than wall time. MFU counts the matmul FLOPs the "
-        "work needs (policy forward + backward = 3 forwards, + 1 reference forward per pair: inside "
-        "the step for TRL without precompute, in a separate pass otherwise) against the measured "
+        "other jobs on the shared cores distort less than wall time. MFU counts the matmul FLOPs each "
+        "side executes (policy forward + backward = 3 forwards, + 1 reference forward per pair: "
+        "inside the step for TRL without precompute, in a separate pass otherwise; ours runs each "
+        "pair's prompt once, so it executes fewer FLOPs for the same pairs) against the measured "
         "matmul peak.",
         "", "## First-step loss agreement", ""]
     out += _checks(r)
+    if before is not None and {"trl", "trl_pre"} <= r["ratios_ours_over"].keys():
+        out += _before_after(r, before)
+    out += NOTES
     out += ["", f"Benchmark wall time: {r['benchmark_wall_s'] / 60:.1f} min.", ""]
     return "\n".join(out)
 
 
+def load_before(out: Path) -> dict | None:
+    """The two-rows baseline kept next to the results, if there (see _before_after)."""
+    path = out.parent / "train_step_two_rows.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
 if __name__ == "__main__":
     path = Path(sys.argv[1] if len(sys.argv) > 1 else "benchmarks/results/train_step.json")
-    path.with_suffix(".md").write_text(markdown(json.loads(path.read_text())))
+    path.with_suffix(".md").write_text(markdown(json.loads(path.read_text()), load_before(path)))

@@ -14,7 +14,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from bench_inputs import build_inputs, corrupt, step_flops
+from bench_inputs import build_inputs, corrupt, shared_prefix_flops, step_flops
 
 from irpo.config import ModelConfig
 from irpo.modeling import load_model
@@ -70,6 +70,10 @@ def test_step_flops_count_every_weight_once(inputs):
     attention = 4 * c.num_hidden_layers * 10 * c.hidden_size
     assert step_flops(c, sequences=3, seq_len=10, passes=1) == 3 * 10 * (2 * weights + attention)
     assert step_flops(c, 3, 10, 3) == 3 * step_flops(c, 3, 10, 1)
+    # Running the prompt once: P + 2R tokens per pair instead of 2(P + R), same attention context.
+    two_rows = step_flops(c, 2 * 4, 30 + 20, 1)
+    shared = shared_prefix_flops(c, 4, 30, 20, 1)
+    assert shared < two_rows and shared == pytest.approx(two_rows * (30 + 40) / 100, rel=0.05)
 
 
 def test_first_step_losses_agree_with_trl(inputs):
