@@ -36,6 +36,7 @@ class DatasetConfig:
     pairs_per_prompt: int = 10
     temperature: list[float] = field(default_factory=lambda: [0.8])
     alpha: float = 1.0  # NLL weight of rpo (method/rpo.yaml reads it); paper: 1
+    maj_k: int = 8  # eval.maj_k reads it: samples per test prompt for majority voting
 
 
 @dataclass
