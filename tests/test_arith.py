@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import re
-import time
 
 import pytest
 from hypothesis import given, settings
@@ -110,11 +109,11 @@ def test_registered():
     assert task.name == "arith" and isinstance(task, ArithTask)
 
 
-def test_generation_is_fast():
-    start = time.perf_counter()
+def test_default_sized_pretrain_split():
+    # Speed is not asserted here (a loaded machine makes timed tests flaky); ~0.6 s idle.
     task = build_arith(ArithConfig(pretrain_size=20000, train_size=512, valid_size=200, test_size=500))
-    assert len(task.load_split("pretrain")) == 20000
-    assert time.perf_counter() - start < 5.0  # ~0.6 s here; generous for a loaded machine
+    pretrain = task.load_split("pretrain")
+    assert len(pretrain) == 20000 and len({e.prompt for e in pretrain}) > 19000
 
 
 @pytest.mark.parametrize(
