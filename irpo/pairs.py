@@ -15,7 +15,12 @@ and the "pair" stage turns them into the examples the trainer reads::
 
 - ``"pairs"`` (dpo, rpo): K (winner, loser) pairs per prompt, winners = distinct
   correct samples (plus the gold CoT, first, when configured), losers = distinct
-  incorrect samples, paired by :func:`wraparound_pairs` -> ``{id, prompt, chosen, rejected}``;
+  incorrect samples, paired by :func:`wraparound_pairs` -> ``{id, prompt, chosen, rejected}``,
+  plus ``chosen_ref_logprob`` and ``rejected_ref_logprob`` when the sampler returned
+  log-probs for the prompt's samples (``sample.logprob``, sampler=vllm with
+  return_logprobs): the sampled model M(t-1) is the reference of the training that
+  follows, so the trainer need not recompute them (irpo.training.reference). They are
+  null where unknown: a sample the sampler could not vouch for, and always the gold CoT;
 - ``"correct"`` (STaR): up to K distinct correct samples -> ``{id, prompt, chosen}``;
   self-generated only, so ``add_gold_to_winners`` does not apply;
 - ``"gold"`` (SFT): the gold CoT of every prompt -> ``{id, prompt, chosen}``.
@@ -31,6 +36,9 @@ import random
 from dataclasses import asdict, dataclass
 
 DATA_POLICIES = ("pairs", "correct", "gold")
+# The sampler's log-probs of a pair's responses: the reference log-probs, if the sampled
+# model is the one training starts from (see the module docstring).
+REF_KEYS = ("chosen_ref_logprob", "rejected_ref_logprob")
 
 
 class NoTrainingData(RuntimeError):
@@ -92,6 +100,18 @@ def _candidates(record: dict, seed: int) -> tuple[list[str], list[str]]:
     return winners, losers
 
 
+def _sampler_logprobs(record: dict) -> dict[str, float]:
+    """Text -> the sampler's summed log-prob of it, from the first sample of that text with one.
+
+    Samples of equal text are the same token ids under the same model, so any of them will do.
+    """
+    out: dict[str, float] = {}
+    for s in record.get("samples") or []:
+        if s.get("logprob") is not None:
+            out.setdefault(s["text"], float(s["logprob"]))
+    return out
+
+
 def _gold(record: dict, why: str) -> str:
     gold = record.get("gold_cot")
     if not gold:
@@ -121,6 +141,7 @@ def _examples_of(
             _skip(stats, False, bool(losers))
             return []
         return [{**base, "chosen": w} for w in winners[:k]]
+    gold = None
     if add_gold:
         # First, so that pair 0 always uses it: the gold CoT is the one winner
         # known to be right in its reasoning, not just in its final answer.
@@ -129,7 +150,13 @@ def _examples_of(
     pairs = wraparound_pairs(winners, losers, k)
     if not pairs:
         _skip(stats, bool(winners), bool(losers))
-    return [{**base, "chosen": w, "rejected": loser} for w, loser in pairs]
+    logps = _sampler_logprobs(record)
+    if not logps:  # no sampler log-probs: the examples stay as they always were
+        return [{**base, "chosen": w, "rejected": loser} for w, loser in pairs]
+    # The gold CoT was not sampled: its reference log-prob is the trainer's to compute.
+    return [{**base, "chosen": w, "rejected": loser,
+             REF_KEYS[0]: None if w == gold else logps.get(w), REF_KEYS[1]: logps.get(loser)}
+            for w, loser in pairs]
 
 
 def _cap(examples: list, max_examples: int, seed: int) -> list:
@@ -203,7 +230,9 @@ def pool_examples(
 ) -> list[dict]:
     """Concatenate the training data of several iterations (the pooled-data ablation).
 
-    ``data="pairs"`` keeps the pairs as they are; ``data="correct"`` keeps each
+    ``data="pairs"`` keeps the pairs, less the sampler's log-probs (``REF_KEYS``): pooled
+    training starts from one model, which sampled at most one of the iterations, so the
+    trainer computes every reference log-prob itself; ``data="correct"`` keeps each
     distinct ``(id, chosen)`` once, as ``{id, prompt, chosen}`` (SFT on the winners).
     """
     if data not in ("pairs", "correct"):
@@ -215,7 +244,7 @@ def pool_examples(
             if data == "pairs":
                 if "rejected" not in ex:
                     raise ValueError(f"pooled example {ex.get('id')} has no rejected response")
-                pooled.append(ex)
+                pooled.append({k: v for k, v in ex.items() if k not in REF_KEYS})
             elif (ex["id"], ex["chosen"]) not in seen:
                 seen.add((ex["id"], ex["chosen"]))
                 pooled.append({"id": ex["id"], "prompt": ex["prompt"], "chosen": ex["chosen"]})

@@ -270,3 +270,52 @@ def test_pool_examples_keeps_pairs_and_dedupes_winners():
         pool_examples([it1], "gold", max_examples=None, seed=0)
     with pytest.raises(ValueError, match="no rejected"):
         pool_examples([[{"id": "x", "prompt": "P", "chosen": "w"}]], "pairs", max_examples=None, seed=0)
+
+
+# ------------------------------------------------------- sampler log-probs (references)
+
+
+def test_sampler_logprobs_follow_their_responses_and_gold_gets_none():
+    """Each pair carries the sampler's log-prob of its own chosen and rejected text; the gold
+    CoT (never sampled) and a sample the sampler gave none for get null."""
+    from irpo.pairs import REF_KEYS
+
+    record = rec("r", ["a", "b", "G"], ["x", "y", "z"], gold="G")
+    logp = {"a": -1.5, "b": -2.5, "G": -9.0, "x": -3.5, "y": -4.5}  # z: cut at max_new_tokens
+    for s in record["samples"]:
+        if s["text"] in logp:
+            s["logprob"] = logp[s["text"]]
+    plain = {k: v for k, v in record.items() if k != "samples"}
+    plain["samples"] = [{k: v for k, v in s.items() if k != "logprob"} for s in record["samples"]]
+    examples, stats = build([record], k=5, add_gold=True)
+    without, _ = build([plain], k=5, add_gold=True)
+    # Same pairs, same order, same stats: the log-probs only ride along.
+    assert [(e["chosen"], e["rejected"]) for e in examples] == \
+           [(e["chosen"], e["rejected"]) for e in without]
+    assert all(set(e) == {"id", "prompt", "chosen", "rejected"} for e in without)
+    assert [e["chosen"] for e in examples] == ["G", examples[1]["chosen"], examples[2]["chosen"], "G",
+                                               examples[1]["chosen"]]
+    for e in examples:  # the gold CoT's is None, though a sample of the same text has one
+        assert e[REF_KEYS[0]] == (None if e["chosen"] == "G" else logp[e["chosen"]])
+    for e in examples:
+        assert e[REF_KEYS[1]] == logp.get(e["rejected"])
+    assert {e["rejected"] for e in examples} == {"x", "y", "z"}  # so one is None
+    assert build([record], k=5, add_gold=True) == (examples, stats)
+
+
+def test_duplicate_samples_take_the_first_known_logprob():
+    record = rec("d", ["a", "a"], ["x"])
+    record["samples"][1]["logprob"] = -2.0  # the first "a" came without one
+    record["samples"][2]["logprob"] = -3.0
+    examples, _ = build([record], k=2)
+    assert [(e["chosen_ref_logprob"], e["rejected_ref_logprob"]) for e in examples] == [(-2.0, -3.0)] * 2
+
+
+def test_pooling_drops_sampler_logprobs():
+    """Pooled training starts from one model: the other iterations' samplers are no reference."""
+    from irpo.pairs import pool_examples
+
+    it1 = [{"id": "a", "prompt": "P", "chosen": "w", "rejected": "l",
+            "chosen_ref_logprob": -1.0, "rejected_ref_logprob": None}]
+    assert pool_examples([it1], "pairs", max_examples=None, seed=0) == [
+        {"id": "a", "prompt": "P", "chosen": "w", "rejected": "l"}]
