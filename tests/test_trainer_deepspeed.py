@@ -25,6 +25,7 @@ import pytest
 import torch
 from conftest import TEST_CACHE, run_main
 from test_config import load
+from test_reference import recomputed_refs, with_refs
 from test_trainer import make_cfg, tiny_ckpt  # noqa: F401  (tiny_ckpt: a fixture)
 
 from irpo.config import ConfigError, DeepSpeedTrainerConfig, SamplerConfig
@@ -146,7 +147,13 @@ def torch_run(tiny_ckpt, tmp_path_factory):  # noqa: F811
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", [3, 2])
 def test_same_loss_curve_as_torch_and_checkpoint_samples(stage, tiny_ckpt, torch_run, tmp_path):  # noqa: F811
+    """ZeRO-2 also takes half the reference log-probs as if from the sampler (equal to the
+    recomputed ones), as tests/test_reference.py does for the torch trainer: the sharded
+    reference pass then scores pairs, single responses and the check's pairs."""
     path, pairs = tiny_ckpt
+    if stage == 2:  # pairs i % 3 == 2 know both, == 1 the rejected only, == 0 neither
+        pairs = with_refs(pairs, recomputed_refs(path, pairs),
+                          lambda i, side: i % 3 == 2 or (i % 3 == 1 and side == 1))
     ref_info, ref_logged, ref_out = torch_run
     tcfg = ds_trainer(zero_stage=stage, num_processes=2, **TRAIN)
     cfg = dataclasses.replace(make_cfg(), trainer=tcfg, cache_dir=str(TEST_CACHE))
@@ -160,6 +167,10 @@ def test_same_loss_curve_as_torch_and_checkpoint_samples(stage, tiny_ckpt, torch
     assert ref_logged[-1][1]["train/loss"] < ref_logged[0][1]["train/loss"] - 0.3  # it did train
     assert info["world_size"] == 2 and info["checkpoints"] == ref_info["checkpoints"] == ["ckpt-3", "ckpt-6"]
     assert info.keys() - {"world_size"} == ref_info.keys()  # the same stage summary
+    from_sampler = 24 if stage == 2 else 0
+    assert (info["ref_rows_from_sampler"], info["ref_rows_computed"]) == (from_sampler, 48 - from_sampler)
+    if stage == 2:
+        assert info["ref_check_pairs"] == 8 and info["ref_logprob_check_max_abs_diff"] < 1e-4
     for key in ("loss_end", "chosen_delta_end", "rejected_delta_end"):
         assert info[key] == pytest.approx(ref_info[key], abs=1e-4), key
     ds_config = json.loads((tmp_path / "deepspeed/ds_config.json").read_text())

@@ -23,6 +23,10 @@ class TokenizedExample:
     prompt: list[int]
     chosen: list[int]
     rejected: list[int] | None = None
+    # The sampler's reference log-prob of each response (irpo.pairs.REF_KEYS), if it gave
+    # one for exactly these token ids; None: the trainer computes it (irpo.training.reference).
+    chosen_ref: float | None = None
+    rejected_ref: float | None = None
 
 
 def tokenize_examples(tokenizer, examples: list[dict], max_length: int) -> tuple[list[TokenizedExample], int]:
@@ -30,7 +34,9 @@ def tokenize_examples(tokenizer, examples: list[dict], max_length: int) -> tuple
 
     Responses that would overflow ``max_length`` are cut from the right (the
     count is returned so the caller can report it); a prompt that alone leaves
-    no room for a response is an error naming the example.
+    no room for a response is an error naming the example. The sampler's reference
+    log-probs (``chosen_ref_logprob``, ``rejected_ref_logprob``) come along, except for a
+    cut response: they are of the whole one.
     """
     out, truncated = [], 0
     for i, ex in enumerate(examples):
@@ -41,15 +47,17 @@ def tokenize_examples(tokenizer, examples: list[dict], max_length: int) -> tuple
                 f"training example {i} (id={ex.get('id')}): prompt is {len(prompt)} tokens, "
                 f"leaving no room under the model's max length {max_length}"
             )
-        responses = []
+        responses, refs = [], []
         for key in ("chosen", "rejected"):
             if ex.get(key) is None:
                 responses.append(None)
+                refs.append(None)
                 continue
             ids = encode_response(tokenizer, ex[key])
             truncated += len(ids) > room
             responses.append(ids[:room])
-        out.append(TokenizedExample(prompt, responses[0], responses[1]))
+            refs.append(ex.get(f"{key}_ref_logprob") if len(ids) <= room else None)
+        out.append(TokenizedExample(prompt, responses[0], responses[1], refs[0], refs[1]))
     return out, truncated
 
 

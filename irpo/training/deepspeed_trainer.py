@@ -23,9 +23,10 @@ Two halves:
   HfDeepSpeedConfig makes from_pretrained build it under deepspeed.zero.Init
   and fill it one checkpoint file and one layer at a time, so no process holds
   a full copy of the weights), wraps it in a DeepSpeed engine with a plain ``torch.optim.AdamW`` (DeepSpeed's
-  own optimizers compile C++ ops) and computes the reference log-probs with
-  that engine before the first update: M(t-1) is the reference, so no second
-  model is loaded. Each rank scores its shard; the shards are all-gathered.
+  own optimizers compile C++ ops) and computes the reference log-probs the
+  sampler did not give (irpo.training.reference) with that engine before the
+  first update: M(t-1) is the reference, so no second model is loaded. Each
+  rank scores its shard; the shards are all-gathered.
   Every step's batch (the torch trainer's batch order) is split evenly over
   the ranks; DeepSpeed averages gradients across ranks and accumulation steps,
   which is the torch trainer's batch mean. Checkpoints are full Hugging Face
@@ -56,11 +57,13 @@ from pathlib import Path
 import torch
 
 from irpo.launch import Allocation, stage_command
+from irpo.training.reference import stage_reference
 from irpo.training.torch_trainer import (
     MetricsFn,
     accumulate_metrics,
     batch_order,
     checkpoint_steps,
+    example_ids,
     make_scheduler,
     micro_loss,
     plan_steps,
@@ -280,14 +283,18 @@ def worker(work: Path) -> None:
         (work / "metrics.jsonl").write_text("")
     toks, truncated = tokenize_for(engine.module, tokenizer, req["examples"])
     share = ds_config["train_micro_batch_size_per_gpu"] * tcfg.grad_accum  # a rank's part of a step
-    refs_all = None
+    refs_all, ref_info = None, {}
     if cfg.method.dpo:  # in batches of that share (the torch trainer: of a step's batch)
-        refs_all = sharded_reference_logprobs(engine.module, toks, tokenizer.pad_token_id, share, device)
+        refs_all, ref_info = stage_reference(
+            toks, lambda part: sharded_reference_logprobs(engine.module, part, tokenizer.pad_token_id,
+                                                          share, device),
+            tcfg, example_ids(req["examples"]), req["seed"])
+        refs_all = tuple(r.to(device) for r in refs_all)
     engine.train()
     history, checkpoints = _train_steps(engine, scheduler, tokenizer, toks, refs_all, req, steps,
                                         ds_config, work)
     if rank == 0:
-        summary = stage_summary(steps, len(toks), truncated, checkpoints, history)
+        summary = stage_summary(steps, len(toks), truncated, checkpoints, history, ref_info)
         (work / "summary.json").write_text(json.dumps({**summary, "world_size": world}))
     dist.barrier()
     dist.destroy_process_group()

@@ -1,7 +1,8 @@
 """The one-process PyTorch trainer (``trainer=torch``).
 
 One training stage: M(t) starts from M(t-1), which is also the reference.
-Reference log-probs are computed once up front; each optimiser step then does
+Reference log-probs are taken from the sampler where it returned them and computed
+once up front for the rest (irpo.training.reference); each optimiser step then does
 one forward of chosen and rejected responses together (each pair's prompt run
 once, irpo.training.shared_prefix: ~1.35x faster on arith pairs), the DPO + alpha*NLL
 loss of irpo.losses, gradient accumulation, clipping, AdamW, and a warm-up
@@ -24,6 +25,7 @@ from irpo.losses import preference_loss
 from irpo.modeling import context_length, load_model
 from irpo.training.data import pair_batch, tokenize_examples
 from irpo.training.logprobs import batch_logprobs, reference_logprobs
+from irpo.training.reference import stage_reference
 from irpo.training.shared_prefix import pair_logprobs
 
 log = logging.getLogger(__name__)
@@ -131,9 +133,11 @@ def train(cfg, init_path: Path, examples: list[dict], out_dir: Path,
     set_gradient_checkpointing(model, tcfg)
     pad_id = tokenizer.pad_token_id
     toks, truncated = tokenize_for(model, tokenizer, examples)
-    refs_all = None
+    refs_all, ref_info = None, {}
     if cfg.method.dpo:
-        refs_all = reference_logprobs(model, toks, pad_id, tcfg.batch_size, share_prompt=True)
+        refs_all, ref_info = stage_reference(
+            toks, lambda part: reference_logprobs(model, part, pad_id, tcfg.batch_size, share_prompt=True),
+            tcfg, example_ids(examples), seed)
     model.train()
     steps = plan_steps(len(toks), tcfg)
     save_at = checkpoint_steps(steps, tcfg.checkpoints)
@@ -164,14 +168,23 @@ def train(cfg, init_path: Path, examples: list[dict], out_dir: Path,
         if step in save_at:
             checkpoints.append(out_dir / f"ckpt-{step}")
             save_checkpoint(model, tokenizer, checkpoints[-1])
-    return stage_summary(steps, len(toks), truncated, checkpoints, history)
+    return stage_summary(steps, len(toks), truncated, checkpoints, history, ref_info)
+
+
+def example_ids(examples: list[dict]) -> list[str]:
+    """Each example's ``id`` (its prompt's), for messages that name an example."""
+    return [str(e.get("id")) for e in examples]
 
 
 def stage_summary(steps: int, examples: int, truncated: int, checkpoints: list[Path],
-                  history: list[dict[str, float]]) -> dict:
-    """What every trainer backend returns to the driver's train stage."""
+                  history: list[dict[str, float]], ref_info: dict | None = None) -> dict:
+    """What every trainer backend returns to the driver's train stage.
+
+    ``ref_info``: where the reference log-probs came from (irpo.training.reference).
+    """
     return {"steps": steps, "examples": examples, "truncated_responses": truncated,
-            "checkpoints": [p.name for p in checkpoints], **_end_summary(history)}
+            "checkpoints": [p.name for p in checkpoints], **(ref_info or {}),
+            **_end_summary(history)}
 
 
 def accumulate_metrics(sums: dict, out, logps, b: int, refs, weight: float) -> None:
