@@ -225,6 +225,12 @@ def markdown(result: dict) -> str:
         f"test_size={d['test_size']}, maj_k={d['maj_k']}; "
         f"{result['repeats']} interleaved repeats per configuration.")
     out = [machine_line, "", defaults_line, ""]
+    peak = max((max(r["load_avg_start"], r["load_avg_end"]) for r in result["runs"]), default=0)
+    if peak > m["usable_cpus"]:
+        out += [(f"The machine was shared: the 1-minute load average reached {peak:.1f} on "
+                f"{m['usable_cpus']} CPUs during these runs, so wall times carry that noise "
+                "(compare the repeats in the last table; CPU s is this run's process only)."),
+                ""]
     if s["default_run"]:
         r = s["default_run"]
         keys = ("iter0_eval_s", "sample_s", "label_s", "data_s", "train_s", "eval_s", "stages_s",
@@ -263,6 +269,16 @@ def markdown(result: dict) -> str:
             fit = r["affine"][key] or {}
             cells += [_f(fit.get("fixed_s")), _f(fit.get("marginal"))]
         out.append(f"| {name} | " + " | ".join(cells) + " |")
+    out += ["", "Every run, in the order run (the load average is the machine's 1-minute one):", "",
+            _header(["config", "repeat", "load start/end", "process wall s", "CPU s", "sample s",
+                     "train s", "eval s (iter 0/1)", "test acc"])]
+    for r in result["runs"]:
+        it0, it1 = r["rows"][0], r["rows"][1]
+        out.append(f"| {r['config']}{' (maj@k eval)' if r['default_eval'] else ''} | "
+                   f"{r['repeat']} | {r['load_avg_start']:.1f}/{r['load_avg_end']:.1f} | "
+                   f"{r['wall_s']:.0f} | {r['cpu_s']:.0f} | {_f(it1.get('sample_s'))} | "
+                   f"{_f(it1.get('train_s'))} | {_f(it0.get('eval_s'))}/{_f(it1.get('eval_s'))} | "
+                   f"{_f(it1.get('test/accuracy'), '.3f')} |")
     return "\n".join(out) + "\n"
 
 
@@ -279,8 +295,16 @@ def main() -> None:
                     help="start another repeat only if it should finish within this many minutes")
     ap.add_argument("--allow-m0-build", action="store_true",
                     help="let the first run pre-train M0 when it is not cached")
+    ap.add_argument("--from-json", metavar="JSON",
+                    help="only re-render <out>.md from the runs in this JSON (no new runs)")
     ap.add_argument("overrides", nargs="*", help="extra Hydra overrides for every run")
     args = ap.parse_args()
+    if args.from_json:
+        result = json.loads(Path(args.from_json).read_text())
+        result["summary"] = summarize(result["runs"], result["configs"])
+        Path(args.out + ".md").write_text(markdown(result))
+        print(markdown(result))
+        return
     os.environ.setdefault("IRPO_CACHE_DIR", str(REPO / "outputs" / "test-cache"))
     cfg = compose_defaults(args.overrides)
     m0 = m0_dir(cfg)

@@ -133,6 +133,13 @@ def test_summary_from_fake_done_markers(defaults, tmp_path, monkeypatch):
     md = out.with_suffix(".md").read_text()
     assert f"train_size={p} prompts" in md and "| 2x_samples |" in md
     assert md.count("\n| 2x_prompts | 2.00 | 2.00 | 2.00 | 1.00 | 2.00 | 2.00 | 1.00 |") == 1
+    assert "| 1x (maj@k eval) | 0 |" in md
+    # Re-rendering from the JSON alone gives the same report.
+    out.with_suffix(".md").unlink()
+    monkeypatch.setattr(sys, "argv", ["iteration_cost.py", "--out", str(out),
+                                      "--from-json", str(out.with_suffix(".json"))])
+    ic.main()
+    assert out.with_suffix(".md").read_text() == md
 
 
 def test_budget_stops_at_a_repeat_boundary(defaults, tmp_path, monkeypatch):
