@@ -22,7 +22,7 @@ os.environ.setdefault("IRPO_CACHE_DIR", str(TEST_CACHE))
 
 
 def run_main(args: list[str], output_root: Path, env: dict | None = None,
-             check: bool = True, timeout: int = 900) -> subprocess.CompletedProcess:
+             check: bool = True, timeout: int = 1800) -> subprocess.CompletedProcess:
     """Run ``python -m irpo.main`` as a user would, in a subprocess."""
     # Flags (-m) first: Hydra's argparse rejects a flag between override words.
     flags = [a for a in args if a.startswith("-")]
