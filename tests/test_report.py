@@ -229,3 +229,26 @@ def test_labels_split_variants_and_name_the_initial_model():
     assert labels(runs).tolist() == ["rpo (epochs=1.0)", "rpo (epochs=1.0)", "rpo (epochs=3.0)",
                                      "rpo (init=sft, epochs=1.0)", "sft"]
     assert labels(runs, ["seed"]).tolist() == ["seed=0", "seed=1", "seed=0", "seed=0", "seed=0"]
+
+
+def test_a_row_keeps_its_colour_in_every_panel(tmp_path, monkeypatch):
+    # sft logs no rejected log-probs; dpo must not take sft's colour in that panel.
+    import pandas as pd
+
+    from irpo.report import plots
+
+    rows = [(run, key, step, -1.0 * step)
+            for run, keys in (("r_sft", ["logps/chosen"]),
+                              ("r_dpo", ["logps/chosen", "logps/rejected"]))
+            for key in keys for step in (1, 2, 3)]
+    curves = pd.DataFrame(rows, columns=["run_id", "key", "step", "value"])
+    lab = pd.Series({"r_sft": "sft", "r_dpo": "dpo"})
+    seen = {}
+    monkeypatch.setattr(plots, "_save", lambda fig, path: seen.setdefault("fig", fig) and path)
+    plots.curves_plot(curves, lab, ("logps/chosen", "logps/rejected"), tmp_path / "x.png", "t")
+    colour = {}
+    for ax in seen["fig"].axes:
+        for line in ax.get_lines():
+            colour.setdefault(line.get_label(), set()).add(line.get_color())
+    assert set(colour) == {"sft", "dpo"}
+    assert all(len(c) == 1 for c in colour.values()) and colour["sft"] != colour["dpo"]

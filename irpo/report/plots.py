@@ -85,11 +85,15 @@ def curves_plot(curves: pd.DataFrame, lab: pd.Series, keys: tuple[str, ...], pat
         return None
     fig, axes = plt.subplots(1, len(keys), figsize=(4.6 * len(keys), 3.6), squeeze=False)
     present = lab[lab.index.isin(curves["run_id"].unique())]
+    labels = sorted(present.unique(), key=row_order)
+    # One colour per row in every panel: rows without a key (sft has no rejected
+    # responses) must not shift the colour cycle of the panels they are absent from.
+    colours = {label: f"C{i % 10}" for i, label in enumerate(labels)}
     for ax, key in zip(axes[0], keys):
-        for label in sorted(present.unique(), key=row_order):
+        for label in labels:
             line = _mean_curve(curves, present[present == label].index, key)
             if not line.empty:
-                ax.plot(line.index, line.to_numpy(), label=label, lw=1.2)
+                ax.plot(line.index, line.to_numpy(), label=label, lw=1.2, color=colours[label])
         ax.set_title(key, fontsize=9)
         ax.set_xlabel("global training step")
         ax.grid(alpha=0.3)
