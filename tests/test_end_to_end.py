@@ -133,8 +133,9 @@ def test_missing_checkpoint_is_named(tmp_path):
 
 
 def test_zero_pairs_names_the_stage(tmp_path):
-    """One sample per prompt can never give a (winner, loser) pair."""
-    proc = run_main(SMOKE + ["tracking=none", "samples_per_prompt=1"], tmp_path, check=False)
+    """One sample per prompt, without the gold CoT as a winner, can never give a pair."""
+    proc = run_main(SMOKE + ["tracking=none", "samples_per_prompt=1",
+                             "dataset.add_gold_to_winners=false"], tmp_path, check=False)
     assert proc.returncode != 0
     assert "iteration 1, stage 'data'" in proc.stderr
     assert "had only correct samples" in proc.stderr  # the counts of NoTrainingData
