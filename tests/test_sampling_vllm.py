@@ -45,6 +45,21 @@ def compose_smoke():
         return to_config(compose("config", ["experiment=smoke", "sampler=vllm"]))
 
 
+def same(a, b) -> bool:
+    """Generations equal in text, token count and finish, log-probs within float noise.
+
+    vLLM's CPU kernels reduce in an order that depends on the batch and the thread
+    count, so a log-prob may differ in its 7th digit between calls (seen with 2 threads).
+    """
+    if isinstance(a, list):
+        return isinstance(b, list) and len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+    if (a.text, a.num_tokens, a.finished) != (b.text, b.num_tokens, b.finished):
+        return False
+    if a.logprob is None or b.logprob is None:
+        return a.logprob is b.logprob
+    return abs(a.logprob - b.logprob) < 1e-4
+
+
 @pytest.fixture(scope="module")
 def setup():
     from irpo.builtin_model import ensure_builtin_model
@@ -144,7 +159,7 @@ def test_greedy_identical_to_hf(setup, engine):
     assert len({g[0].text for g in ours}) > len(prompts) // 2  # really prompt-dependent
     # Seeds and batching do not touch greedy results; order follows the input.
     again = engine.generate(prompts[::-1], 1, 0.0, max_new, seed=3)
-    assert [g[0] for g in again[::-1]] == [g[0] for g in ours]
+    assert same([g[0] for g in again[::-1]], [g[0] for g in ours])
 
 
 @pytest.mark.slow
@@ -152,8 +167,8 @@ def test_sampling_deterministic_by_seed(setup, engine):
     cfg, _, prompts = setup
     args = (prompts[:12], 4, 1.0, cfg.dataset.max_new_tokens)
     first, second, other = (engine.generate(*args, seed=s) for s in (5, 5, 6))
-    assert first == second
-    assert first != other
+    assert same(first, second)
+    assert not same(first, other)
     assert all(len(gs) == 4 for gs in first)
     assert len({g.text for gs in first for g in gs}) > 12  # samples of a prompt differ
     # A prompt's samples depend on its index, not on the rest of the call: a shard of the
@@ -162,7 +177,7 @@ def test_sampling_deterministic_by_seed(setup, engine):
 
     ids = [encode_prompt(engine.tokenizer, p) for p in prompts[5:9]]
     part = engine.generate_ids(ids, 4, 1.0, cfg.dataset.max_new_tokens, seed=5, first_index=5)
-    assert part == first[5:9]
+    assert same(part, first[5:9])
 
 
 @pytest.mark.slow
@@ -193,7 +208,7 @@ def test_shards_merge_to_the_one_engine_result(setup, engine, tmp_path):
     assert cmd[:2] == ["srun", "--overlap"] and "--nodes=3" in cmd and "--ntasks-per-node=1" in cmd
     assert cmd[-3:-1] == ["-m", "irpo.sampling.shards"]
     assert not any(tmp_path.iterdir())  # the request and shard files are cleaned up
-    assert merged == engine.generate(prompts[:10], 3, 1.0, cfg.dataset.max_new_tokens, seed=11)
+    assert same(merged, engine.generate(prompts[:10], 3, 1.0, cfg.dataset.max_new_tokens, seed=11))
     # The request file the nodes read round-trips (a fresh engine would be built from it).
     req = json.loads(write_request(tmp_path / "r", engine, encoded, 3, 1.0, 8, 11, 3).read_text())
     assert VLLMSamplerConfig(**req["sampler"]) == CFG and req["prompts"] == encoded
