@@ -26,7 +26,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from irpo.builtin_model import build_model, build_tokenizer, pretrain_data_config
-from irpo.config import ModelConfig
+from irpo.config import (
+    ArithConfig,
+    Config,
+    MethodConfig,
+    ModelConfig,
+    SamplerConfig,
+    TrainerConfig,
+)
 from irpo.modeling import encode_prompt, encode_response
 from irpo.tasks.arith import ArithTask
 
@@ -136,3 +143,16 @@ def _per_token(c, context: int) -> float:
     per_layer = d * d * 2 + d * kv * 2 + 3 * d * ff  # q, o, k, v projections; gate, up, down
     weights = layers * per_layer + vocab * d
     return 2 * weights + 4 * layers * context * d
+
+
+def rpo_config(model_dir: Path, args, beta: float, sampler: str = "hf", **trainer) -> Config:
+    """The rpo training stage's config for our trainer on the benchmark model.
+
+    ``args`` gives lr, batch_size and alpha; ``trainer`` overrides TrainerConfig fields
+    (default: 10% warm-up, linear schedule).
+    """
+    tcfg = TrainerConfig(name="torch", lr=args.lr, batch_size=args.batch_size,
+                         **{"warmup_ratio": 0.1, "schedule": "linear", **trainer})
+    return Config(dataset=ArithConfig(), model=ModelConfig(name="bench", path=str(model_dir)),
+                  method=MethodConfig(name="rpo"), sampler=SamplerConfig(name=sampler),
+                  trainer=tcfg, beta=beta, alpha=args.alpha)

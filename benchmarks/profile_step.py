@@ -99,21 +99,11 @@ def merge_ops(rows: list[dict]) -> list[dict]:
 
 def profile_ours(workdir: Path, pairs: list[dict], args) -> dict:
     def run(hook):
-        import irpo.training.torch_trainer as tt
-        from irpo.config import (
-            ArithConfig,
-            Config,
-            MethodConfig,
-            ModelConfig,
-            SamplerConfig,
-            TrainerConfig,
-        )
+        from bench_inputs import rpo_config
 
-        cfg = Config(dataset=ArithConfig(), model=ModelConfig(name="bench", path=str(workdir / "model")),
-                     method=MethodConfig(name="rpo"), sampler=SamplerConfig(name="hf"),
-                     trainer=TrainerConfig(name="torch", lr=args.lr, batch_size=args.batch_size,
-                                           warmup_ratio=0.1, schedule="linear"),
-                     beta=0.1, alpha=args.alpha)
+        import irpo.training.torch_trainer as tt
+
+        cfg = rpo_config(workdir / "model", args, beta=0.1)
         with tempfile.TemporaryDirectory() as tmp:
             tt.train(cfg, workdir / "model", pairs, Path(tmp), lambda m, s: hook(), 0, 0)
 
@@ -191,7 +181,6 @@ def main() -> None:
     need = steps * args.batch_size
     if args.side:  # one side in this fresh process: neither inherits the other's warm allocator
         import torch
-
         from bench_inputs import read_pairs
 
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))

@@ -147,21 +147,12 @@ def trainer_examples(variant: str, pairs: list[dict], sampler_refs) -> list[dict
 
 def trainer_stage(variant: str, model_dir: Path, pairs: list[dict], sampler_refs, args) -> dict:
     """One call of the torch trainer's train() (the driver's train stage); times in (wall, CPU)."""
-    from irpo.config import (
-        ArithConfig,
-        Config,
-        MethodConfig,
-        ModelConfig,
-        SamplerConfig,
-        TrainerConfig,
-    )
+    from bench_inputs import rpo_config
+
     from irpo.training import torch_trainer
 
-    cfg = Config(dataset=ArithConfig(), model=ModelConfig(name="bench", path=str(model_dir)),
-                 method=MethodConfig(name="rpo"), sampler=SamplerConfig(name="vllm"),
-                 trainer=TrainerConfig(name="torch", lr=args.lr, batch_size=args.batch_size,
-                                       warmup_ratio=0.0, schedule="constant", log_every=10**6),
-                 beta=args.beta, alpha=args.alpha)
+    cfg = rpo_config(model_dir, args, beta=args.beta, sampler="vllm", warmup_ratio=0.0,
+                     schedule="constant", log_every=10**6)
     examples = trainer_examples(variant, pairs, sampler_refs)
     ref_time, real = [0.0, 0.0], torch_trainer.stage_reference
 

@@ -58,23 +58,11 @@ def warmup_steps(steps: int) -> int:
 
 
 def run_ours(model_dir: Path, pairs: list[dict], args, out_dir: Path) -> dict:
-    import irpo.training.torch_trainer as tt
-    from irpo.config import (
-        ArithConfig,
-        Config,
-        MethodConfig,
-        ModelConfig,
-        SamplerConfig,
-        TrainerConfig,
-    )
+    from bench_inputs import rpo_config
 
-    cfg = Config(
-        dataset=ArithConfig(), model=ModelConfig(name="bench", path=str(model_dir), dtype="float32"),
-        method=MethodConfig(name="rpo", data="pairs", dpo=True, nll=True), sampler=SamplerConfig(name="hf"),
-        trainer=TrainerConfig(name="torch", lr=args.lr, batch_size=args.batch_size, grad_accum=1,
-                              epochs=1.0, warmup_ratio=0.1, schedule="linear", max_grad_norm=1.0,
-                              checkpoints=1, log_every=1),
-        beta=args.beta, alpha=args.alpha)
+    import irpo.training.torch_trainer as tt
+
+    cfg = rpo_config(model_dir, args, beta=args.beta)
     marks: dict = {"step_end": [], "losses": []}
     original = tt.reference_logprobs
 
