@@ -45,18 +45,8 @@ log = logging.getLogger(__name__)
 
 ScoreFn = Callable[[list[TokenizedExample]], tuple[torch.Tensor, torch.Tensor | None]]
 
-# The schema's defaults (irpo.config.TrainerConfig). A driver process that loaded
-# irpo.config before these settings existed imports the trainers only at its first train
-# stage, so its trainer config may lack them; it then gets these values.
-_DEFAULTS = {"sampler_ref_logprobs": True, "ref_check_pairs": 8, "ref_check_tolerance": 1e-2}
-
-
 class ReferenceMismatch(RuntimeError):
     """A sampler reference log-prob disagrees with the recomputed forward; the message names the pair."""
-
-
-def _setting(tcfg, name: str):
-    return getattr(tcfg, name, _DEFAULTS[name])
 
 
 def given_references(toks: list[TokenizedExample], use: bool) -> list[list[float | None]]:
@@ -75,7 +65,7 @@ def stage_reference(toks: list[TokenizedExample], score: ScoreFn, tcfg, ids: lis
     if any(t.rejected is None for t in toks):
         raise ValueError("stage_reference: reference log-probs are for preference pairs; "
                          "an example has no rejected response")
-    given = given_references(toks, _setting(tcfg, "sampler_ref_logprobs"))
+    given = given_references(toks, tcfg.sampler_ref_logprobs)
     refs = torch.empty((2, n), dtype=torch.float32)
     whole = [i for i in range(n) if given[i] == [None, None]]
     if whole:  # as pairs: the prompt once per pair where the trainer's pass shares it
@@ -111,7 +101,7 @@ def check_references(toks: list[TokenizedExample], given: list[list[float | None
     raises ReferenceMismatch above ``trainer.ref_check_tolerance``.
     """
     candidates = [i for i, g in enumerate(given) if g != [None, None]]
-    k = min(_setting(tcfg, "ref_check_pairs"), len(candidates))
+    k = min(tcfg.ref_check_pairs, len(candidates))
     if k <= 0:
         return {"ref_check_pairs": 0, "ref_logprob_check_max_abs_diff": None}
     picked = sorted(random.Random(f"{seed}:ref-check").sample(candidates, k))
@@ -124,7 +114,7 @@ def check_references(toks: list[TokenizedExample], given: list[list[float | None
                 diff = math.inf if math.isnan(diff) else diff  # NaN: a mismatch
                 worst = max(worst, (diff, i, side))
     diff, i, side = worst
-    tolerance = _setting(tcfg, "ref_check_tolerance")
+    tolerance = tcfg.ref_check_tolerance
     if diff > tolerance:
         name = ("chosen", "rejected")[side]
         recomputed = float((chosen, rejected)[side][picked.index(i)])
