@@ -32,7 +32,7 @@ from irpo.config import (
     MethodConfig,
     ModelConfig,
     SamplerConfig,
-    TrainerConfig,
+    TorchTrainerConfig,
 )
 from irpo.modeling import encode_prompt, encode_response
 from irpo.tasks.arith import ArithTask
@@ -148,10 +148,10 @@ def _per_token(c, context: int) -> float:
 def rpo_config(model_dir: Path, args, beta: float, sampler: str = "hf", **trainer) -> Config:
     """The rpo training stage's config for our trainer on the benchmark model.
 
-    ``args`` gives lr, batch_size and alpha; ``trainer`` overrides TrainerConfig fields
-    (default: 10% warm-up, linear schedule).
+    ``args`` gives lr, batch_size and alpha; ``trainer`` overrides TorchTrainerConfig fields
+    (default: 10% warm-up, linear schedule, ``device`` auto: the GPU if there is one).
     """
-    tcfg = TrainerConfig(name="torch", lr=args.lr, batch_size=args.batch_size,
+    tcfg = TorchTrainerConfig(name="torch", lr=args.lr, batch_size=args.batch_size,
                          **{"warmup_ratio": 0.1, "schedule": "linear", **trainer})
     return Config(dataset=ArithConfig(), model=ModelConfig(name="bench", path=str(model_dir)),
                   method=MethodConfig(name="rpo"), sampler=SamplerConfig(name=sampler),

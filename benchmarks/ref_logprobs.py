@@ -57,7 +57,18 @@ GROUPS = {"trainer": ("trainer_sampler", "trainer_gold", "trainer_recompute"),
 VARIANTS = GROUPS["trainer"] + GROUPS["loop"]
 
 
+def device():
+    """Where every variant runs: the GPU if there is one (as the trainer's ``device=auto``)."""
+    from irpo.modeling import resolve_device
+
+    return resolve_device("auto")
+
+
 def now() -> tuple[float, float]:
+    import torch
+
+    if torch.cuda.is_available():  # the queued kernels belong to the interval being timed
+        torch.cuda.synchronize()
     return time.perf_counter(), time.process_time()
 
 
@@ -77,7 +88,7 @@ def ref_pass(model, toks, pad_id: int, batch_size: int):
     with torch.no_grad():
         for start in range(0, len(toks), batch_size):
             part = toks[start : start + batch_size]
-            logps, _ = pair_logprobs(model, part, pad_id)
+            logps, _ = pair_logprobs(model, part, pad_id, device())
             chosen.append(logps[: len(part)])
             rejected.append(logps[len(part) :])
     model.train()
@@ -93,7 +104,7 @@ def iteration(variant: str, model_dir: Path, toks, pad_id: int, sampler_refs, ar
     from irpo.training.shared_prefix import pair_logprobs
 
     torch.manual_seed(0)
-    model, _ = load_model(model_dir)
+    model, _ = load_model(model_dir, device=device())
     ref_model = None
     ref_time = [0.0, 0.0]
     t0 = now()
@@ -113,13 +124,13 @@ def iteration(variant: str, model_dir: Path, toks, pad_id: int, sampler_refs, ar
         if ref_model is not None:
             t = now()
             with torch.no_grad():
-                r, _ = pair_logprobs(ref_model, micro, pad_id)
+                r, _ = pair_logprobs(ref_model, micro, pad_id, device())
             ref_chosen, ref_rejected = r[:b], r[b:]
             dt = since(t)
             ref_time = [ref_time[0] + dt[0], ref_time[1] + dt[1]]
         else:
             ref_chosen, ref_rejected = refs[0][idx], refs[1][idx]
-        logps, lengths = pair_logprobs(model, micro, pad_id)
+        logps, lengths = pair_logprobs(model, micro, pad_id, device())
         out = preference_loss(logps[:b], lengths[:b], args.beta, args.alpha, policy_rejected=logps[b:],
                               ref_chosen=ref_chosen, ref_rejected=ref_rejected)
         out.loss.backward()
@@ -304,7 +315,7 @@ def main() -> None:
     from irpo.training.data import tokenize_examples
 
     inputs = build_inputs(args.workdir, args.pairs)
-    model, tok = load_model(inputs.model_dir)
+    model, tok = load_model(inputs.model_dir, device=device())
     toks, _ = tokenize_examples(tok, inputs.pairs, 10**6)
     sampler_refs = ref_pass(model, toks, tok.pad_token_id, args.batch_size)  # stands in for the sampler's
     del model

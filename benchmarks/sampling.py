@@ -109,13 +109,13 @@ def start_samplers(path: Path, dtype: str) -> tuple[dict, dict]:
     """{"hf": sampler, "vllm": sampler} and their start-up times."""
     import torch
 
-    from irpo.config import SamplerConfig, VLLMSamplerConfig
+    from irpo.config import HFSamplerConfig, VLLMSamplerConfig
     from irpo.sampling.hf import HFSampler
     from irpo.sampling.vllm import VLLMSampler
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     warm = prompts(4)
-    hf, load = timed(lambda: HFSampler(str(path), SamplerConfig(name="hf"), dtype, device=device))
+    hf, load = timed(lambda: HFSampler(str(path), HFSamplerConfig(name="hf", device=device), dtype))
     _, hf_first = timed(lambda: hf.generate(warm, 1, 1.0, 16, seed=0))
     vcfg = VLLMSamplerConfig(name="vllm", enforce_eager=device == "cpu")
     vl, start = timed(lambda: VLLMSampler(str(path), vcfg, dtype))

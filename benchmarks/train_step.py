@@ -3,7 +3,8 @@
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/train_step.py [--repeats 3] [--pairs 160]
 
 Builds a ~10M-parameter random Llama and fixed-length arithmetic pairs (bench_inputs.py),
-measures this machine's fp32 matmul peak at the same thread count, checks that both
+measures this machine's fp32 matmul peak at the same thread count (on the GPU, where every
+side then trains, if there is one), checks that both
 trainers give the same first-step loss (alpha = 0: ln 2; alpha > 0: ln 2 + alpha * NLL),
 then alternates the sides, each in its own subprocess (train_step_worker.py) so that peak
 RSS is per side: ours, TRL with a reference forward every step, TRL with
@@ -45,27 +46,35 @@ def machine_info(threads: int) -> dict:
 
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor())
-    return {"cpu": cpu, "logical_cpus": os.cpu_count(), "usable_cpus": len(os.sched_getaffinity(0)),
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {"cpu": cpu, "gpu": gpu, "logical_cpus": os.cpu_count(), "usable_cpus": len(os.sched_getaffinity(0)),
             "threads": threads, "python": platform.python_version(), "torch": torch.__version__,
             "transformers": transformers.__version__, "trl": trl.__version__,
             "load_average_start": os.getloadavg()}
 
 
 def matmul_peak(sizes=(512, 1024, 2048), reps: int = 7) -> dict:
-    """Best fp32 GFLOP/s of square ``torch.mm`` at the current thread count."""
+    """Best fp32 GFLOP/s of square ``torch.mm`` at the current thread count, or on the GPU.
+
+    On a GPU: larger sizes, and TF32 stays off (torch's default), as in the benchmark's steps.
+    """
     import torch
 
+    gpu = torch.cuda.is_available()
+    sync = torch.cuda.synchronize if gpu else (lambda: None)
     best = {}
-    for n in sizes:
-        a, b = torch.randn(n, n), torch.randn(n, n)
+    for n in (4096, 8192) if gpu else sizes:
+        a, b = (torch.randn(n, n, device="cuda" if gpu else "cpu") for _ in range(2))
         a @ b  # warm-up
         times = []
         for _ in range(reps):
+            sync()
             t = time.perf_counter()
             a @ b
+            sync()
             times.append(time.perf_counter() - t)
         best[str(n)] = 2 * n**3 / min(times) / 1e9
-    return {"gflops_by_size": best, "peak_gflops": max(best.values())}
+    return {"gflops_by_size": best, "peak_gflops": max(best.values()), "device": "cuda" if gpu else "cpu"}
 
 
 def nll_normalisations(model_dir: Path, pairs: list[dict]) -> tuple[float, float]:

@@ -25,13 +25,15 @@ def _machine(r: dict) -> list[str]:
     m, w, p = r["machine"], r["work"], r["matmul_peak"]
     each = ", ".join(f"{x['peak_gflops']:.0f}" for x in p["measurements"])
     sizes = ", ".join(f"{n}: {g:.0f}" for n, g in p["measurements"][0]["gflops_by_size"].items())
+    gpu = f"GPU {m['gpu']} (every side trains on it), " if m.get("gpu") else ""
+    where = "on the GPU" if m.get("gpu") else f"at {m['threads']} thread(s)"
     return [
-        f"Machine: {m['cpu']}, {m['usable_cpus']} usable cores shared with other jobs (load average "
+        f"Machine: {gpu}{m['cpu']}, {m['usable_cpus']} usable cores shared with other jobs (load average "
         f"{m['load_average_start'][0]:.1f} at start, {m['load_average_end'][0]:.1f} at end), "
         f"{m['threads']} torch thread(s); Python {m['python']}, torch {m['torch']}, "
         f"transformers {m['transformers']}, TRL {m['trl']}.",
         "",
-        f"fp32 matmul peak at {m['threads']} thread(s): {p['used_gflops']:.1f} GFLOP/s "
+        f"fp32 matmul peak {where}: {p['used_gflops']:.1f} GFLOP/s "
         f"(the best of {len(p['measurements'])} measurements of square `torch.mm` spread over the "
         f"benchmark: {each}; the first by size {sizes}). Other jobs on the cores lower a "
         "measurement, never raise it.",

@@ -13,10 +13,11 @@ and writes the timings to ``--out``. Sides:
 * ``trl_pre``: the same with ``precompute_ref_log_probs=True`` (one pass before training);
 * ``trl_default``: ``trl`` with TRL's default gradient checkpointing left on.
 
-Every side runs fp32, the same batch size, learning rate, linear schedule with 10% warm-up,
+Every side runs on the same device (the GPU if there is one, else the CPU), fp32, the same batch size, learning rate, linear schedule with 10% warm-up,
 AdamW (weight decay 0), clipping at 1, dropout off, a metrics log every step and one save at
 the end. Step times are the intervals between consecutive end-of-step callbacks (ours: the
-per-step ``log_metrics`` call), so each includes one optimiser step and one metrics log.
+per-step ``log_metrics`` call), so each includes one optimiser step and one metrics log; on a
+GPU each mark waits for the queued kernels (``torch.cuda.synchronize``).
 :func:`first_step_loss` runs one step of a side in-process (for the loss agreement check).
 """
 
@@ -49,8 +50,19 @@ def rss_mib() -> float:
 
 
 def now() -> tuple[float, float]:
-    """(wall, CPU) seconds. CPU time is what the contention of a shared machine distorts least."""
+    """(wall, CPU) seconds, after the GPU's queued work. CPU time: what the contention of a
+    shared machine distorts least (on a GPU it only counts the host side)."""
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
     return time.perf_counter(), time.process_time()
+
+
+def peak_gpu_mib() -> float | None:
+    import torch
+
+    return torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
 
 
 def warmup_steps(steps: int) -> int:
@@ -88,6 +100,7 @@ def run_ours(model_dir: Path, pairs: list[dict], args, out_dir: Path) -> dict:
 
 
 def trl_config(side: str, args, steps: int, out_dir: Path, **extra):
+    import torch
     from trl import DPOConfig
 
     return DPOConfig(
@@ -97,7 +110,7 @@ def trl_config(side: str, args, steps: int, out_dir: Path, **extra):
         max_grad_norm=1.0, beta=args.beta, loss_type=["sigmoid", "sft"], loss_weights=[1.0, args.alpha],
         precompute_ref_log_probs=side == "trl_pre",
         gradient_checkpointing=side == "trl_default",  # TRL's default is True; ours never does it
-        bf16=False, fp16=False, use_cpu=True, max_length=None, logging_steps=1, save_strategy="no",
+        bf16=False, fp16=False, use_cpu=not torch.cuda.is_available(), max_length=None, logging_steps=1, save_strategy="no",
         report_to="none", disable_tqdm=True, dataloader_num_workers=0, seed=args.seed,
         model_init_kwargs={"dtype": "float32"}, **extra)
 
@@ -152,7 +165,8 @@ def run_trl(side: str, model_dir: Path, pairs: list[dict], args, out_dir: Path) 
 
 def summarise(side: str, raw: dict, n_pairs: int, batch_size: int, rss_import: float) -> dict:
     out = {"side": side, "pairs": n_pairs, "steps": len(raw["step_end"]), "batch_size": batch_size,
-           "losses": raw["losses"], "rss_after_import_mib": rss_import, "peak_rss_mib": rss_mib()}
+           "losses": raw["losses"], "rss_after_import_mib": rss_import, "peak_rss_mib": rss_mib(),
+           "peak_gpu_mib": peak_gpu_mib()}
     for i, clock in enumerate(("wall", "cpu")):
         ends = [m[i] for m in raw["step_end"]]
         ref = raw["ref"][i] if "ref" in raw else 0.0

@@ -9,6 +9,7 @@ these dataclasses and :func:`validate` checks the cross-field rules.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -114,6 +115,13 @@ class SamplerConfig:
 
 
 @dataclass
+class HFSamplerConfig(SamplerConfig):
+    """transformers ``generate`` in the driver (irpo/sampling/hf.py)."""
+
+    device: str = "auto"  # auto: the GPU if there is one, else the CPU; or cpu, cuda, cuda:1
+
+
+@dataclass
 class VLLMSamplerConfig(SamplerConfig):
     """vLLM's offline engine (irpo/sampling/vllm.py); batch_size is unused (vLLM batches itself)."""
 
@@ -159,6 +167,13 @@ class TrainerConfig:
     sampler_ref_logprobs: bool = True
     ref_check_pairs: int = 8  # pairs whose sampler log-probs are recomputed and compared; 0: none
     ref_check_tolerance: float = 1e-2  # max |sampler - recomputed| summed log-prob, else fail
+
+
+@dataclass
+class TorchTrainerConfig(TrainerConfig):
+    """One process (irpo/training/torch_trainer.py)."""
+
+    device: str = "auto"  # auto: the GPU if there is one, else the CPU; or cpu, cuda, cuda:1
 
 
 @dataclass
@@ -224,8 +239,8 @@ _SCHEMAS: dict[str, dict[str, type]] = {
     "dataset": {"arith_schema": ArithConfig, "hub_schema": HubTaskConfig},
     "method": {"method_schema": MethodConfig},
     "model": {"model_schema": ModelConfig},
-    "sampler": {"hf_schema": SamplerConfig, "vllm_schema": VLLMSamplerConfig},
-    "trainer": {"torch_schema": TrainerConfig, "deepspeed_schema": DeepSpeedTrainerConfig},
+    "sampler": {"hf_schema": HFSamplerConfig, "vllm_schema": VLLMSamplerConfig},
+    "trainer": {"torch_schema": TorchTrainerConfig, "deepspeed_schema": DeepSpeedTrainerConfig},
     "eval": {"eval_schema": EvalConfig},
     "tracking": {"tracking_schema": TrackingConfig},
 }
@@ -248,6 +263,10 @@ def to_config(cfg: DictConfig) -> Config:
     obj = OmegaConf.to_object(cfg)
     assert isinstance(obj, Config)
     return obj
+
+
+# What ``device`` fields accept (irpo.modeling.resolve_device turns them into torch devices).
+_DEVICE = re.compile(r"auto|cpu|cuda(:[0-9]+)?")
 
 
 class ConfigError(ValueError):
@@ -303,6 +322,9 @@ def validate(cfg: Config) -> None:
             f"trainer.batch_size={cfg.trainer.batch_size} must be a multiple of trainer.grad_accum="
             f"{cfg.trainer.grad_accum} x trainer.num_processes={procs} (x nodes on SLURM)",
         ),
+        *[(_DEVICE.fullmatch(str(getattr(node, "device", "auto"))) is not None,
+           f"{key}.device={getattr(node, 'device', None)!r} must be auto, cpu, cuda or cuda:<index>")
+          for key, node in (("trainer", cfg.trainer), ("sampler", cfg.sampler))],
         (
             cfg.trainer.schedule in ("linear", "cosine", "constant"),
             f"trainer.schedule={cfg.trainer.schedule!r} must be linear, cosine or constant",

@@ -59,9 +59,30 @@ def load_tokenizer(path: str | Path) -> Any:
     return tokenizer
 
 
-def load_model(path: str | Path, dtype: str = "float32", device: str = "cpu") -> tuple[Any, Any]:
+def resolve_device(name: str | torch.device, key: str = "device") -> torch.device:
+    """The torch device a config's ``device`` names: "auto" is the first GPU if there is one, else the CPU.
+
+    ``key`` names the config field in errors (e.g. ``trainer.device``). An explicit GPU
+    on a machine without one fails here, not halfway through a stage.
+    """
+    if isinstance(name, torch.device):
+        return name
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"{key}={name!r} is not a device: use auto, cpu, cuda or cuda:<index>") from err
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"{key}={name!r}: this machine has no CUDA GPU; use {key}=auto or cpu")
+    return device
+
+
+def load_model(path: str | Path, dtype: str = "float32",
+               device: str | torch.device = "cpu") -> tuple[Any, Any]:
     """(model, tokenizer) of an HF causal LM: a local checkpoint directory or a hub name.
 
+    ``device``: where the weights go (:func:`resolve_device`; "auto" picks the GPU if any).
     A path that looks local (absolute, ./ or an existing parent) but is missing
     gives an error naming it instead of a hub lookup failure.
     """
@@ -80,7 +101,7 @@ def load_model(path: str | Path, dtype: str = "float32", device: str = "cpu") ->
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=resolve_dtype(dtype))
     except (OSError, ValueError) as err:
         raise OSError(f"could not load model checkpoint {str(path)!r}: {err}") from err
-    model.to(device)
+    model.to(resolve_device(device))
     model.eval()
     if model.generation_config is not None and model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id

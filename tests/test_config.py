@@ -60,6 +60,13 @@ def test_paper_defaults_reach_top_level_knobs():
     assert cfg.samples_per_prompt == 4 and temperature_at(cfg, 3) == 1.0
 
 
+def test_devices_default_to_auto():
+    cfg = load()
+    assert (cfg.trainer.device, cfg.sampler.device) == ("auto", "auto")
+    cfg = load("trainer=deepspeed", "sampler=vllm")  # each rank / engine picks its own GPU
+    assert not hasattr(cfg.trainer, "device") and not hasattr(cfg.sampler, "device")
+
+
 def test_user_sweep_overrides_compose():
     for method in ("rpo", "dpo"):
         for beta in (0.05, 0.1, 0.5):
@@ -91,6 +98,8 @@ def test_unknown_method_names_the_group():
     (("trainer.batch_size=10", "trainer.grad_accum=3"), "divisible"),
     (("model.path=/x",), "exactly one of model.path"),
     (("temperature=[]",), "temperature"),
+    (("trainer.device=gpu",), r"trainer.device='gpu' must be auto, cpu, cuda"),
+    (("sampler.device=cuda:x",), r"sampler.device='cuda:x' must be"),
 ])
 def test_contradictions_are_config_errors(overrides, match):
     with pytest.raises(ConfigError, match=match):

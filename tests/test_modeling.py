@@ -12,13 +12,19 @@ import pytest
 import torch
 
 from irpo import builtin_model
-from irpo.builtin_model import builtin_model_dir, check_architecture, ensure_builtin_model, lr_factor
+from irpo.builtin_model import (
+    builtin_model_dir,
+    check_architecture,
+    ensure_builtin_model,
+    lr_factor,
+)
 from irpo.config import ArithConfig, HubTaskConfig, ModelConfig
 from irpo.modeling import (
     encode_prompt,
     encode_response,
     format_prompt,
     load_model,
+    resolve_device,
     resolve_dtype,
 )
 
@@ -174,6 +180,19 @@ def test_load_model_errors(tmp_path):
     with pytest.raises(ValueError, match="dtype"):
         resolve_dtype("float7")
     assert resolve_dtype("bf16") is torch.bfloat16
+
+
+def test_resolve_device(monkeypatch):
+    assert resolve_device("cpu") == torch.device("cpu")
+    with pytest.raises(ValueError, match=r"trainer.device='gpu0' is not a device"):
+        resolve_device("gpu0", "trainer.device")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == torch.device("cpu")
+    with pytest.raises(ValueError, match=r"sampler.device='cuda:1': this machine has no CUDA GPU"):
+        resolve_device("cuda:1", "sampler.device")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_device("auto") == torch.device("cuda")
+    assert resolve_device("cuda:1") == torch.device("cuda", 1)
 
 
 def test_load_model_sets_pad_and_dtype(built):

@@ -10,10 +10,24 @@ import pytest
 import torch
 
 from irpo.builtin_model import build_model, build_tokenizer
-from irpo.config import ArithConfig, Config, MethodConfig, ModelConfig, SamplerConfig, TrainerConfig
+from irpo.config import (
+    ArithConfig,
+    Config,
+    MethodConfig,
+    ModelConfig,
+    SamplerConfig,
+    TorchTrainerConfig,
+    TrainerConfig,
+)
 from irpo.modeling import load_model
 from irpo.tasks.arith import ArithTask
-from irpo.training.torch_trainer import batch_order, checkpoint_steps, plan_steps, train
+from irpo.training.torch_trainer import (
+    batch_order,
+    checkpoint_steps,
+    make_optimizer,
+    plan_steps,
+    train,
+)
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +52,7 @@ def make_cfg(method="rpo", dpo=True, nll=True, **trainer) -> Config:
     return Config(dataset=ArithConfig(), model=ModelConfig(name="t", builtin="tiny"),
                   method=MethodConfig(name=method, data="pairs" if dpo else "correct", dpo=dpo, nll=nll),
                   sampler=SamplerConfig(name="hf"),
-                  trainer=TrainerConfig(name="torch", **{"lr": 1e-3, "batch_size": 8, "warmup_ratio": 0.0, **trainer}),
+                  trainer=TorchTrainerConfig(name="torch", **{"lr": 1e-3, "batch_size": 8, "warmup_ratio": 0.0, **trainer}),
                   beta=0.1, alpha=1.0)
 
 
@@ -100,3 +114,38 @@ def test_nll_only_methods_need_no_reference(tiny_ckpt, tmp_path):
     assert "logps/rejected" not in logged[0][1] and logged[0][1]["train/dpo"] == 0.0
     assert logged[-1][1]["train/nll"] < logged[0][1]["train/nll"]
     assert "chosen_delta_end" not in info
+
+
+def test_fused_adamw_takes_the_reference_steps(tiny_ckpt):
+    """One fused step is p(1 - lr*wd) - lr*sign(g) (Adam's bias-corrected first step);
+    three steps agree with torch's per-tensor AdamW."""
+    model, _ = load_model(tiny_ckpt[0])
+    twin, _ = load_model(tiny_ckpt[0])
+    lr, wd = 1e-2, 0.1
+    fused = make_optimizer(model, TorchTrainerConfig(name="torch", lr=lr, weight_decay=wd))
+    plain = torch.optim.AdamW(twin.parameters(), lr=lr, weight_decay=wd, foreach=False)
+    assert fused.defaults["fused"] and not plain.defaults["fused"]
+    before = [p.detach().clone() for p in model.parameters()]
+    g = torch.Generator().manual_seed(0)
+    for step in range(3):
+        grads = [(torch.rand(p.shape, generator=g) + 0.1) * torch.sign(torch.randn(p.shape, generator=g))
+                 for p in model.parameters()]  # |g| >= 0.1, so eps=1e-8 does not matter
+        for params in (model.parameters(), twin.parameters()):
+            for p, grad in zip(params, grads):
+                p.grad = grad.clone()
+        fused.step()
+        plain.step()
+        if step == 0:
+            for p, p0, grad in zip(model.parameters(), before, grads):
+                assert torch.allclose(p.detach(), p0 * (1 - lr * wd) - lr * torch.sign(grad), atol=1e-6)
+    for p, q in zip(model.parameters(), twin.parameters()):
+        assert torch.allclose(p.detach(), q.detach(), atol=1e-6)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without a GPU")
+def test_trainer_device_without_gpu_is_a_clear_error(tiny_ckpt, tmp_path):
+    path, pairs = tiny_ckpt
+    with pytest.raises(ValueError, match="trainer.device='cuda': this machine has no CUDA GPU"):
+        run_train(make_cfg(device="cuda"), path, pairs[:8], tmp_path)
+    info, _ = run_train(make_cfg(device="cpu", max_steps=1), path, pairs[:8], tmp_path)
+    assert info["steps"] == 1

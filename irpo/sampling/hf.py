@@ -2,7 +2,7 @@
 
 Built by :func:`irpo.sampling.build_sampler` for ``sampler=hf``::
 
-    sampler = HFSampler(model_path, SamplerConfig(name="hf", batch_size=64), dtype="float32")
+    sampler = HFSampler(model_path, HFSamplerConfig(name="hf", batch_size=64), dtype="float32")
     outs = sampler.generate(prompts, n=8, temperature=1.0, max_new_tokens=96, seed=0)
 
 Prompts are sorted by length and sent ``cfg.batch_size`` at a time, left
@@ -23,17 +23,18 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from irpo.modeling import context_length, encode_prompt, eos_token_ids, load_model
+from irpo.modeling import context_length, encode_prompt, eos_token_ids, load_model, resolve_device
 from irpo.sampling import Generation
 
 log = logging.getLogger(__name__)
 
 
 class HFSampler:
-    def __init__(self, model_path: str, cfg: Any, dtype: str = "float32", device: str = "cpu"):
+    def __init__(self, model_path: str, cfg: Any, dtype: str = "float32"):
         self.cfg = cfg
-        self.model, self.tokenizer = load_model(model_path, dtype=dtype, device=device)
-        self.device = device
+        # ``sampler.device``: auto puts the model on the GPU if there is one.
+        self.device = resolve_device(getattr(cfg, "device", "auto"), "sampler.device")
+        self.model, self.tokenizer = load_model(model_path, dtype=dtype, device=self.device)
         self.eos_ids = eos_token_ids(self.model, self.tokenizer)
         self.context = context_length(self.model)
 
@@ -115,6 +116,8 @@ class HFSampler:
     def close(self) -> None:
         self.model = None
         gc.collect()
+        if self.device.type == "cuda":  # the train stage that follows needs the memory back
+            torch.cuda.empty_cache()
 
 
 def _check_args(n: int, temperature: float, max_new_tokens: int, batch_size: int) -> None:

@@ -7,7 +7,9 @@ one forward of chosen and rejected responses together (each pair's prompt run
 once, irpo.training.shared_prefix: ~1.35x faster on arith pairs), the DPO + alpha*NLL
 loss of irpo.losses, gradient accumulation, clipping, AdamW, and a warm-up
 then decay schedule from ``transformers.get_scheduler``. Checkpoints are saved
-at evenly spaced steps; the caller picks the best on validation.
+at evenly spaced steps; the caller picks the best on validation. The model, its
+batches and the reference log-probs live on ``trainer.device`` (auto: the GPU if
+there is one).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from irpo.losses import preference_loss
-from irpo.modeling import context_length, load_model
+from irpo.modeling import context_length, load_model, resolve_device
 from irpo.training.data import pair_batch, tokenize_examples
 from irpo.training.logprobs import batch_logprobs, reference_logprobs
 from irpo.training.reference import stage_reference
@@ -102,6 +104,17 @@ def tokenize_for(model, tokenizer, examples: list[dict]):
     return toks, truncated
 
 
+def make_optimizer(model, tcfg) -> torch.optim.AdamW:
+    """AdamW over every parameter, as one fused kernel (CPU and CUDA; TRL's default too).
+
+    Fused instead of the per-tensor loop that is the default on CPUs: the update of all
+    parameters in one call (0.033 -> 0.009 s of a 1.2 s benchmark step, train_step_profile.md).
+    """
+    params = list(model.parameters())
+    fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
+    return torch.optim.AdamW(params, lr=tcfg.lr, weight_decay=tcfg.weight_decay, fused=fused)
+
+
 def make_scheduler(optimizer, tcfg, steps: int):
     """Warm-up then ``tcfg.schedule`` decay over ``steps`` optimiser steps."""
     return get_scheduler(
@@ -129,19 +142,22 @@ def train(cfg, init_path: Path, examples: list[dict], out_dir: Path,
     """
     tcfg = cfg.trainer
     torch.manual_seed(seed)
-    model, tokenizer = load_model(init_path, cfg.model.dtype)
+    device = resolve_device(getattr(tcfg, "device", "auto"), "trainer.device")
+    model, tokenizer = load_model(init_path, cfg.model.dtype, device=device)
     set_gradient_checkpointing(model, tcfg)
     pad_id = tokenizer.pad_token_id
     toks, truncated = tokenize_for(model, tokenizer, examples)
     refs_all, ref_info = None, {}
     if cfg.method.dpo:
         refs_all, ref_info = stage_reference(
-            toks, lambda part: reference_logprobs(model, part, pad_id, tcfg.batch_size, share_prompt=True),
+            toks, lambda part: reference_logprobs(model, part, pad_id, tcfg.batch_size,
+                                                  device=device, share_prompt=True),
             tcfg, example_ids(examples), seed)
+        refs_all = tuple(r.to(device) for r in refs_all)
     model.train()
     steps = plan_steps(len(toks), tcfg)
     save_at = checkpoint_steps(steps, tcfg.checkpoints)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay)
+    optimizer = make_optimizer(model, tcfg)
     scheduler = make_scheduler(optimizer, tcfg, steps)
     micro_size = tcfg.batch_size // tcfg.grad_accum
     history: list[dict[str, float]] = []
@@ -153,7 +169,7 @@ def train(cfg, init_path: Path, examples: list[dict], out_dir: Path,
         for part in parts:
             refs = (refs_all[0][part], refs_all[1][part]) if refs_all else None
             out, logps, b = micro_loss(model, [toks[i] for i in part], refs, cfg, pad_id,
-                                       share_prompt=True)
+                                       device=device, share_prompt=True)
             (out.loss * (len(part) / len(idx))).backward()
             accumulate_metrics(sums, out, logps, b, refs, len(part) / len(idx))
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.max_grad_norm)
