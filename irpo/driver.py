@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import resource
 import shutil
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -80,11 +81,37 @@ def stage_sample(ctx: Context, t: int, model: Path, out: Path) -> dict:
                 "samples": [{"text": g.text, "num_tokens": g.num_tokens, "finished": g.finished,
                              **({"logprob": g.logprob} if g.logprob is not None else {})}
                             for g in gs]} for e, gs in zip(examples, gens)]
+    scored = score_gold(ctx, t, model, records)
     write_jsonl(out / "samples.jsonl", records)
     tokens = sum(s["num_tokens"] for r in records for s in r["samples"])
     unfinished = sum(not s["finished"] for r in records for s in r["samples"])
     return {"prompts": len(records), "samples": len(records) * n, "temperature": temp,
-            "tokens_sampled": tokens, "unfinished": unfinished}
+            "tokens_sampled": tokens, "unfinished": unfinished, **scored}
+
+
+def score_gold(ctx: Context, t: int, model: Path, records: list[dict]) -> dict:
+    """Adds ``gold_logprob`` to ``records`` where the sampler can score the gold CoTs.
+
+    With gold CoTs among the DPO winners and the sampler's log-probs as the reference
+    (``sampler=vllm``, ``return_logprobs``, one engine), the engine scores each gold CoT
+    with one prefill, so the trainer needs no reference forward at all (irpo.pairs carries
+    the value, irpo.training.reference checks a sample of them).
+    """
+    cfg = ctx.cfg
+    sampler = ctx.sampler(model)
+    if not (cfg.method.dpo and cfg.dataset.add_gold_to_winners and cfg.trainer.sampler_ref_logprobs
+            and getattr(cfg.sampler, "return_logprobs", False) and getattr(cfg.sampler, "nodes", 1) == 1
+            and hasattr(sampler, "score")):
+        return {}
+    with_gold = [r for r in records if r.get("gold_cot")]
+    start = time.perf_counter()
+    values = sampler.score([r["prompt"] for r in with_gold], [r["gold_cot"] for r in with_gold],
+                           desc=f"iter {t} scoring gold CoTs")
+    for r, v in zip(with_gold, values):
+        if v is not None:
+            r["gold_logprob"] = v
+    return {"gold_scored": sum(v is not None for v in values),
+            "gold_scoring_s": round(time.perf_counter() - start, 2)}
 
 
 def stage_label(ctx: Context, t: int, out: Path) -> dict:

@@ -19,8 +19,9 @@ and the "pair" stage turns them into the examples the trainer reads::
   plus ``chosen_ref_logprob`` and ``rejected_ref_logprob`` when the sampler returned
   log-probs for the prompt's samples (``sample.logprob``, sampler=vllm with
   return_logprobs): the sampled model M(t-1) is the reference of the training that
-  follows, so the trainer need not recompute them (irpo.training.reference). They are
-  null where unknown: a sample the sampler could not vouch for, and always the gold CoT;
+  follows, so the trainer need not recompute them (irpo.training.reference). The gold
+  CoT's is the record's ``gold_logprob`` (scored by the sampler, irpo.driver). They are
+  null where unknown: a sample the sampler could not vouch for, an unscored gold CoT;
 - ``"correct"`` (STaR): up to K distinct correct samples -> ``{id, prompt, chosen}``;
   self-generated only, so ``add_gold_to_winners`` does not apply;
 - ``"gold"`` (SFT): the gold CoT of every prompt -> ``{id, prompt, chosen}``.
@@ -153,9 +154,10 @@ def _examples_of(
     logps = _sampler_logprobs(record)
     if not logps:  # no sampler log-probs: the examples stay as they always were
         return [{**base, "chosen": w, "rejected": loser} for w, loser in pairs]
-    # The gold CoT was not sampled: its reference log-prob is the trainer's to compute.
+    if gold is not None and record.get("gold_logprob") is not None:
+        logps[gold] = float(record["gold_logprob"])  # scored apart: it was not sampled
     return [{**base, "chosen": w, "rejected": loser,
-             REF_KEYS[0]: None if w == gold else logps.get(w), REF_KEYS[1]: logps.get(loser)}
+             REF_KEYS[0]: logps.get(w), REF_KEYS[1]: logps.get(loser)}
             for w, loser in pairs]
 
 

@@ -275,9 +275,10 @@ def test_pool_examples_keeps_pairs_and_dedupes_winners():
 # ------------------------------------------------------- sampler log-probs (references)
 
 
-def test_sampler_logprobs_follow_their_responses_and_gold_gets_none():
-    """Each pair carries the sampler's log-prob of its own chosen and rejected text; the gold
-    CoT (never sampled) and a sample the sampler gave none for get null."""
+def test_sampler_logprobs_follow_their_responses():
+    """Each pair carries the sampler's log-prob of its own chosen and rejected text (the gold
+    CoT too, when a sample has its text: the same token ids); a sample the sampler gave none
+    for gets null."""
     from irpo.pairs import REF_KEYS
 
     record = rec("r", ["a", "b", "G"], ["x", "y", "z"], gold="G")
@@ -295,12 +296,24 @@ def test_sampler_logprobs_follow_their_responses_and_gold_gets_none():
     assert all(set(e) == {"id", "prompt", "chosen", "rejected"} for e in without)
     assert [e["chosen"] for e in examples] == ["G", examples[1]["chosen"], examples[2]["chosen"], "G",
                                                examples[1]["chosen"]]
-    for e in examples:  # the gold CoT's is None, though a sample of the same text has one
-        assert e[REF_KEYS[0]] == (None if e["chosen"] == "G" else logp[e["chosen"]])
+    for e in examples:
+        assert e[REF_KEYS[0]] == logp[e["chosen"]]
     for e in examples:
         assert e[REF_KEYS[1]] == logp.get(e["rejected"])
     assert {e["rejected"] for e in examples} == {"x", "y", "z"}  # so one is None
     assert build([record], k=5, add_gold=True) == (examples, stats)
+
+
+def test_gold_cot_takes_its_scored_logprob_or_none():
+    """The gold CoT, never sampled, carries the record's ``gold_logprob`` (the sampler scored
+    it, irpo.driver.stage_sample) and null without one; sampled winners keep their own."""
+    record = rec("g", ["a"], ["x"], gold="G")
+    record["samples"][0]["logprob"], record["samples"][1]["logprob"] = -1.0, -3.0
+    examples, _ = build([record], k=2, add_gold=True)
+    assert [(e["chosen"], e["chosen_ref_logprob"], e["rejected_ref_logprob"]) for e in examples] == \
+           [("G", None, -3.0), ("a", -1.0, -3.0)]
+    examples, _ = build([{**record, "gold_logprob": -7.25}], k=2, add_gold=True)
+    assert [(e["chosen"], e["chosen_ref_logprob"]) for e in examples] == [("G", -7.25), ("a", -1.0)]
 
 
 def test_duplicate_samples_take_the_first_known_logprob():

@@ -241,6 +241,30 @@ def test_logprobs_agree_with_recomputed_forward(setup, engine):
     assert diff.max() < LOGPROB_TOL
 
 
+def test_scores_of_unsampled_responses_agree_with_the_forward(setup, engine):
+    """score(): the gold CoTs' summed log-probs from vLLM's prompt log-probs, as the trainer
+    computes them; a response too long for the context gets None."""
+    import torch
+
+    from irpo.modeling import encode_prompt, encode_response, load_model
+    from irpo.tasks import build_task
+    from irpo.training.data import TokenizedExample
+    from irpo.training.logprobs import reference_logprobs
+
+    cfg, path, prompts = setup
+    test = build_task(cfg.dataset).load_split("test")[:16]
+    assert [e.prompt for e in test] == prompts[:16]
+    texts = [e.gold_cot for e in test]
+    got = engine.score(prompts[:16] + [prompts[0]], texts + ["1 + " * 5000])
+    assert got[-1] is None
+    model, tok = load_model(path, "float32")
+    examples = [TokenizedExample(encode_prompt(tok, p), encode_response(tok, g)) for p, g in zip(prompts, texts)]
+    ref, _ = reference_logprobs(model, examples, tok.pad_token_id, 16)
+    diff = (torch.tensor(got[:-1], dtype=torch.float64) - ref.double()).abs()
+    print(f"\ngold CoT scores: max |diff| {diff.max():.2e}, mean |logp| {ref.abs().mean():.2f}")
+    assert diff.max() < LOGPROB_TOL
+
+
 @pytest.mark.slow
 def test_one_iteration_with_vllm(tmp_path):
     proc = run_main(["experiment=smoke", "sampler=vllm", "iterations=1",
@@ -262,13 +286,15 @@ def test_one_iteration_with_vllm(tmp_path):
         assert len(preds) == 32 and acc == pytest.approx(sum(p["correct"] for p in preds) / 32)
     assert (run / "iter1/train/model/model.safetensors").exists()
     # The sampler's log-probs are the reference of the training (irpo.training.reference):
-    # the pairs carry them (gold CoT winners: none), the trainer computes only the rest and
-    # recomputes 8 pairs to check them.
+    # the pairs carry them (gold CoT winners: scored by the engine in the sample stage), the
+    # trainer computes only the rest and recomputes 8 pairs to check them.
+    assert info["gold_scored"] == 48 and all(r["gold_logprob"] < 0 for r in samples)
     pairs = [json.loads(line) for line in (run / "iter1/data/train.jsonl").read_text().splitlines()]
     given = sum(p[k] is not None for p in pairs for k in ("chosen_ref_logprob", "rejected_ref_logprob"))
-    assert given > len(pairs)  # every loser and most sampled winners
-    gold = {r["id"]: r["gold_cot"] for r in samples}
-    assert all(p["chosen_ref_logprob"] is None for p in pairs if p["chosen"] == gold[p["id"]])
+    assert given > 1.9 * len(pairs)  # all but the few samples cut at max_new_tokens
+    gold = {r["id"]: r for r in samples}
+    gold_pairs = [p for p in pairs if p["chosen"] == gold[p["id"]]["gold_cot"]]
+    assert gold_pairs and all(p["chosen_ref_logprob"] == gold[p["id"]]["gold_logprob"] for p in gold_pairs)
     train = json.loads((run / "iter1/train/DONE").read_text())
     assert (train["ref_rows"], train["ref_rows_from_sampler"]) == (2 * len(pairs), given)
     assert train["ref_rows_computed"] == 2 * len(pairs) - given

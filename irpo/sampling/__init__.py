@@ -15,6 +15,8 @@ Prompts are the tasks' raw ``Example.prompt`` strings; the backend applies
 and training condition on identical token ids. Backends: ``hf``
 (transformers ``generate``, CPU and tests) and ``vllm`` (irpo/sampling/vllm.py,
 a class ``VLLMSampler`` with the same constructor, imported only when asked for).
+``VLLMSampler`` also has ``score(prompts, responses)``: the summed log-prob of responses
+it did not sample (the driver's gold CoT winners).
 """
 
 from __future__ import annotations

@@ -40,7 +40,9 @@ under the sampled model at temperature 1 (vLLM's raw log-probs), of
 trainer scores as the reference of the next iteration. Where the sampler cannot
 vouch for that (the response hit max_new_tokens, so the trainer's appended EOS
 was never sampled; or re-encoding the decoded text gives other token ids than
-were sampled) it is None and the trainer must compute it.
+were sampled) it is None and the trainer must compute it. :meth:`VLLMSampler.score`
+gives the same value for responses it did not sample (gold CoTs), from one prefill
+each with vLLM's prompt log-probs.
 """
 
 from __future__ import annotations
@@ -238,6 +240,37 @@ class VLLMSampler:
         if self.cfg.return_logprobs and finished and encode_response(self.tokenizer, text) == tokens:
             logprob = float(completion.cumulative_logprob)
         return Generation(text=text, num_tokens=len(tokens), finished=finished, logprob=logprob)
+
+    def score(self, prompts: list[str], responses: list[str],
+              desc: str = "scoring") -> list[float | None]:
+        """Summed log-prob of each response after its prompt, as :attr:`Generation.logprob`.
+
+        The ids are ``encode_prompt(prompt) + encode_response(response)``, what the trainer
+        scores; one prefill each, reading vLLM's raw prompt log-probs. None where the
+        sequence does not fit the engine's context (the trainer cuts such responses).
+        Needs the engine in this process (not ``nodes`` > 1).
+        """
+        from tqdm.auto import tqdm
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        if self.llm is None:
+            raise RuntimeError("this VLLMSampler has no engine here (closed, or nodes > 1)")
+        pairs = [(encode_prompt(self.tokenizer, p), encode_response(self.tokenizer, r))
+                 for p, r in zip(prompts, responses, strict=True)]
+        limit = self.cfg.max_model_len or self.context
+        # One generated token (ignored) needs one more position than the sequence.
+        fits = [i for i, (p, r) in enumerate(pairs) if limit is None or len(p) + len(r) < limit]
+        params = SamplingParams(max_tokens=1, prompt_logprobs=0, detokenize=False)
+        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=pairs[i][0] + pairs[i][1]) for i in fits],
+                                    params, use_tqdm=partial(tqdm, desc=desc, mininterval=1.0))
+        values: list[float | None] = [None] * len(pairs)
+        for i, out in zip(fits, outputs):
+            prompt, response = pairs[i]
+            # prompt_logprobs[k]: {token id: Logprob} at position k, the actual token among them.
+            values[i] = float(sum(out.prompt_logprobs[len(prompt) + j][token].logprob
+                                  for j, token in enumerate(response)))
+        return values
 
     def _check_lengths(self, encoded: list[list[int]], max_new_tokens: int) -> None:
         limit = self.cfg.max_model_len or self.context

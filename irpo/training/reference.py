@@ -11,8 +11,9 @@ everything is recomputed, as before):
 
 * pairs with neither response known (no sampler log-probs): scored as pairs, in order, by
   the trainer's own pass (the torch trainer's shared-prefix forward, DeepSpeed's sharded one);
-* pairs with one known (a gold CoT winner against a sampled loser, a sample cut at
-  max_new_tokens): the unknown response alone, as a single-sequence row;
+* pairs with one known (a sample cut at max_new_tokens; a gold CoT winner the sampler
+  did not score: irpo.driver.score_gold does, except with ``sampler.nodes`` > 1): the
+  unknown response alone, as a single-sequence row;
 * nothing, when every response is known.
 
 Usage (``score(examples) -> (chosen, rejected or None)`` is the trainer's reference pass)::
