@@ -20,8 +20,9 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from irpo.builtin_model import ensure_builtin_model
-from irpo.config import Config, temperature_at
+from irpo.config import Config, ConfigError, temperature_at
 from irpo.evaluate import evaluate
+from irpo.modeling import resolve_device
 from irpo.pairs import NoTrainingData, build_examples, pool_examples
 from irpo.rundir import RunDir, read_jsonl, write_jsonl
 from irpo.sampling import build_sampler
@@ -242,8 +243,29 @@ def iterate(ctx: Context, m0: Path) -> None:
         evaluate_all(ctx, t, model)
 
 
+def preflight(cfg: Config) -> None:
+    """What only the machine the run is on can check, before anything runs; ConfigError naming the field.
+
+    The devices (``trainer.device=cuda`` without a GPU) and, for ``trainer=deepspeed``,
+    that the batch divides over every rank of the SLURM allocation's nodes: otherwise these
+    would fail at the first train stage, after M0's evaluation and the first sampling.
+    """
+    try:
+        for key, node in (("trainer", cfg.trainer), ("sampler", cfg.sampler)):
+            if hasattr(node, "device"):
+                resolve_device(node.device, f"{key}.device")
+        if cfg.trainer.name == "deepspeed":
+            from irpo.launch import Allocation
+            from irpo.training.deepspeed_trainer import deepspeed_config, world_size
+
+            deepspeed_config(cfg.trainer, cfg.model.dtype, world_size(cfg.trainer, Allocation.from_env()))
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
+
+
 def run(cfg: Config, raw: DictConfig) -> dict:
     """Run (or resume) one experiment; returns its summary."""
+    preflight(cfg)
     task = build_task(cfg.dataset)
     name = cfg.run_name or f"{cfg.dataset.name}-{cfg.method.name}"
     run_dir = RunDir.for_config(raw, cfg.output_root, name)

@@ -69,7 +69,7 @@ def test_deepspeed_config_of_the_64_ranks():
     assert ds["zero_optimization"]["stage"] == 3
     assert ds["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"]
     # Why not the paper's 16: every one of the 64 ranks needs a pair of every micro-batch.
-    paper_batch, _ = compose_70b("trainer.batch_size=16")  # validate cannot see the node count
+    paper_batch, _ = compose_70b("trainer.batch_size=16")  # validate cannot see the node count; preflight can (below)
     with pytest.raises(ValueError, match="batch_size=16 must be a multiple of .* 64 processes"):
         deepspeed_config(paper_batch.trainer, "bfloat16", world)
 
@@ -150,3 +150,20 @@ def test_docs_quote_the_memory_report():
     docs = (REPO / "docs/cluster.md").read_text()
     for line in memory.report(memory.LLAMA2_70B).splitlines():
         assert line in docs, line
+
+
+def test_preflight_checks_the_batch_against_the_allocation(monkeypatch):
+    """Inside the 8-node allocation the driver fails before M0's evaluation, naming the field."""
+    from irpo import launch
+    from irpo.config import ConfigError
+    from irpo.driver import preflight
+
+    eight = launch.Allocation("7", tuple(f"gpu{i}" for i in range(8)), "10.0.0.1")
+    monkeypatch.setattr(launch.Allocation, "from_env", classmethod(lambda cls, env=None: eight))
+    cfg, _ = compose_70b()
+    preflight(cfg)  # 64 pairs over 64 ranks
+    small, _ = compose_70b("trainer.batch_size=16")
+    with pytest.raises(ConfigError, match="trainer.batch_size=16 must be a multiple of .* 64 processes"):
+        preflight(small)
+    monkeypatch.setattr(launch.Allocation, "from_env", classmethod(lambda cls, env=None: None))
+    preflight(small)  # one node outside SLURM: 8 ranks divide 16

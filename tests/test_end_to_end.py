@@ -12,6 +12,7 @@ import sqlite3
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import run_main
 
@@ -122,6 +123,14 @@ def test_contradictory_config_fails_before_running(tmp_path):
     proc = run_main(["method=dpo", "alpha=0.5"], tmp_path, check=False)
     assert proc.returncode != 0
     assert "method=dpo is DPO without the NLL term but alpha=0.5" in proc.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without a GPU")
+def test_unavailable_device_fails_before_running(tmp_path):
+    proc = run_main(SMOKE + ["trainer.device=cuda"], tmp_path, check=False)
+    assert proc.returncode != 0
+    assert "trainer.device='cuda': this machine has no CUDA GPU" in proc.stderr
     assert not (tmp_path / "runs").exists()
 
 
