@@ -169,3 +169,33 @@ def test_check_settings_are_validated():
         load("trainer.ref_check_pairs=-1")
     with pytest.raises(ConfigError, match="trainer.ref_check_tolerance=0.0 must be > 0"):
         load("trainer=deepspeed", "trainer.ref_check_tolerance=0")
+
+
+def test_a_response_in_several_pairs_is_scored_once(tiny_ckpt):  # noqa: F811
+    """A gold-like winner paired with three losers, its reference unknown: one forward row
+    serves its three pairs, with the value a forward of each row would give."""
+    import torch
+
+    from irpo.config import TrainerConfig
+    from irpo.training.data import TokenizedExample
+    from irpo.training.reference import stage_reference
+
+    path, pairs = tiny_ckpt
+    model, tok = load_model(path)
+    dup = [{**p, "rejected": p["rejected"] + tail} for p in pairs[:4] for tail in ("", " 1", " 2")]
+    given = with_refs(dup, [(0.0, -5.0)] * len(dup), lambda i, side: side == 1)
+    toks, _ = tokenize_examples(tok, given, context_length(model))
+    scored: list[int] = []
+
+    def score(part):
+        scored.append(len(part))
+        return reference_logprobs(model, part, tok.pad_token_id, 8, share_prompt=True)
+
+    tcfg = TrainerConfig(name="t", ref_check_pairs=0)
+    (chosen, rejected), info = stage_reference(toks, score, tcfg, [p["id"] for p in dup], 0)
+    assert scored == [4]  # 4 distinct winners for 12 rows
+    each, _ = reference_logprobs(model, [TokenizedExample(t.prompt, t.chosen) for t in toks],
+                                 tok.pad_token_id, 8)
+    assert torch.allclose(chosen, each, atol=1e-4) and len(set(chosen.tolist())) == 4
+    assert rejected.tolist() == [-5.0] * 12
+    assert (info["ref_rows_computed"], info["ref_forward_rows"], info["ref_rows_from_sampler"]) == (12, 4, 12)

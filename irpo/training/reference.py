@@ -13,7 +13,8 @@ everything is recomputed, as before):
   the trainer's own pass (the torch trainer's shared-prefix forward, DeepSpeed's sharded one);
 * pairs with one known (a sample cut at max_new_tokens; a gold CoT winner the sampler
   did not score: irpo.driver.score_gold does, except with ``sampler.nodes`` > 1): the
-  unknown response alone, as a single-sequence row;
+  unknown response alone, as a single-sequence row, once per distinct prompt and response
+  (a gold CoT is in every pair of its prompt);
 * nothing, when every response is known.
 
 Usage (``score(examples) -> (chosen, rejected or None)`` is the trainer's reference pass)::
@@ -74,17 +75,22 @@ def stage_reference(toks: list[TokenizedExample], score: ScoreFn, tcfg, ids: lis
         refs[0, whole], refs[1, whole] = chosen.float().cpu(), rejected.float().cpu()
     rows = [(i, side) for i in range(n) if given[i] != [None, None]
             for side in (0, 1) if given[i][side] is None]
-    if rows:  # one response of a pair: a single-sequence row
-        singles = [TokenizedExample(toks[i].prompt, toks[i].rejected if side else toks[i].chosen)
-                   for i, side in rows]
-        values, _ = score(singles)
-        for (i, side), v in zip(rows, values.float().cpu()):
-            refs[side, i] = v
+    singles: dict[tuple, int] = {}  # (prompt, response) ids -> its row in the forward
+    if rows:  # one response of a pair: a single-sequence row, each distinct one once
+        # A gold CoT winner is in every pair of its prompt (irpo.pairs.wraparound_pairs).
+        slot = [singles.setdefault((tuple(toks[i].prompt), tuple(toks[i].rejected if side else
+                                                                toks[i].chosen)), len(singles))
+                for i, side in rows]
+        values, _ = score([TokenizedExample(list(p), list(r)) for p, r in singles])
+        values = values.float().cpu()
+        for (i, side), k in zip(rows, slot):
+            refs[side, i] = values[k]
     known = [(i, side) for i in range(n) for side in (0, 1) if given[i][side] is not None]
     for i, side in known:
         refs[side, i] = given[i][side]
     info = {"ref_rows": 2 * n, "ref_rows_from_sampler": len(known),
-            "ref_rows_computed": 2 * len(whole) + len(rows)}
+            "ref_rows_computed": 2 * len(whole) + len(rows),
+            "ref_forward_rows": 2 * len(whole) + len(singles)}  # sequences actually scored
     info.update(check_references(toks, given, score, tcfg, ids, seed))
     log.info("reference log-probs: %d of %d responses from the sampler, %d computed%s",
              len(known), 2 * n, info["ref_rows_computed"],
