@@ -152,7 +152,7 @@ def rpo_config(model_dir: Path, args, beta: float, sampler: str = "hf", **traine
     (default: 10% warm-up, linear schedule, ``device`` auto: the GPU if there is one).
     """
     tcfg = TorchTrainerConfig(name="torch", lr=args.lr, batch_size=args.batch_size,
-                         **{"warmup_ratio": 0.1, "schedule": "linear", **trainer})
+                              **{"warmup_ratio": 0.1, "schedule": "linear", **trainer})
     return Config(dataset=ArithConfig(), model=ModelConfig(name="bench", path=str(model_dir)),
                   method=MethodConfig(name="rpo"), sampler=SamplerConfig(name=sampler),
                   trainer=tcfg, beta=beta, alpha=args.alpha)

@@ -84,11 +84,11 @@ def ref_pass(model, toks, pad_id: int, batch_size: int):
     from irpo.training.shared_prefix import pair_logprobs
 
     model.eval()
-    chosen, rejected = [], []
+    chosen, rejected, dev = [], [], device()
     with torch.no_grad():
         for start in range(0, len(toks), batch_size):
             part = toks[start : start + batch_size]
-            logps, _ = pair_logprobs(model, part, pad_id, device())
+            logps, _ = pair_logprobs(model, part, pad_id, dev)
             chosen.append(logps[: len(part)])
             rejected.append(logps[len(part) :])
     model.train()
@@ -104,7 +104,8 @@ def iteration(variant: str, model_dir: Path, toks, pad_id: int, sampler_refs, ar
     from irpo.training.shared_prefix import pair_logprobs
 
     torch.manual_seed(0)
-    model, _ = load_model(model_dir, device=device())
+    dev = device()
+    model, _ = load_model(model_dir, device=dev)
     ref_model = None
     ref_time = [0.0, 0.0]
     t0 = now()
@@ -124,13 +125,13 @@ def iteration(variant: str, model_dir: Path, toks, pad_id: int, sampler_refs, ar
         if ref_model is not None:
             t = now()
             with torch.no_grad():
-                r, _ = pair_logprobs(ref_model, micro, pad_id, device())
+                r, _ = pair_logprobs(ref_model, micro, pad_id, dev)
             ref_chosen, ref_rejected = r[:b], r[b:]
             dt = since(t)
             ref_time = [ref_time[0] + dt[0], ref_time[1] + dt[1]]
         else:
             ref_chosen, ref_rejected = refs[0][idx], refs[1][idx]
-        logps, lengths = pair_logprobs(model, micro, pad_id, device())
+        logps, lengths = pair_logprobs(model, micro, pad_id, dev)
         out = preference_loss(logps[:b], lengths[:b], args.beta, args.alpha, policy_rejected=logps[b:],
                               ref_chosen=ref_chosen, ref_rejected=ref_rejected)
         out.loss.backward()

@@ -13,11 +13,12 @@ and writes the timings to ``--out``. Sides:
 * ``trl_pre``: the same with ``precompute_ref_log_probs=True`` (one pass before training);
 * ``trl_default``: ``trl`` with TRL's default gradient checkpointing left on.
 
-Every side runs on the same device (the GPU if there is one, else the CPU), fp32, the same batch size, learning rate, linear schedule with 10% warm-up,
-AdamW (weight decay 0), clipping at 1, dropout off, a metrics log every step and one save at
-the end. Step times are the intervals between consecutive end-of-step callbacks (ours: the
-per-step ``log_metrics`` call), so each includes one optimiser step and one metrics log; on a
-GPU each mark waits for the queued kernels (``torch.cuda.synchronize``).
+Every side runs on the same device (the GPU if there is one, else the CPU), fp32, the same
+batch size, learning rate, linear schedule with 10% warm-up, AdamW (weight decay 0),
+clipping at 1, dropout off, a metrics log every step and one save at the end. Step times are
+the intervals between consecutive end-of-step callbacks (ours: the per-step ``log_metrics``
+call), so each includes one optimiser step and one metrics log; on a GPU each mark waits for
+the queued kernels (``torch.cuda.synchronize``).
 :func:`first_step_loss` runs one step of a side in-process (for the loss agreement check).
 """
 

@@ -99,14 +99,13 @@ def score_gold(ctx: Context, t: int, model: Path, records: list[dict]) -> dict:
     the value, irpo.training.reference checks a sample of them).
     """
     cfg = ctx.cfg
-    sampler = ctx.sampler(model)
+    # return_logprobs is a field of sampler=vllm only, whose sampler has score().
     if not (cfg.method.dpo and cfg.dataset.add_gold_to_winners and cfg.trainer.sampler_ref_logprobs
-            and getattr(cfg.sampler, "return_logprobs", False) and getattr(cfg.sampler, "nodes", 1) == 1
-            and hasattr(sampler, "score")):
+            and getattr(cfg.sampler, "return_logprobs", False) and getattr(cfg.sampler, "nodes", 1) == 1):
         return {}
     with_gold = [r for r in records if r.get("gold_cot")]
     start = time.perf_counter()
-    values = sampler.score([r["prompt"] for r in with_gold], [r["gold_cot"] for r in with_gold],
+    values = ctx.sampler(model).score([r["prompt"] for r in with_gold], [r["gold_cot"] for r in with_gold],
                            desc=f"iter {t} scoring gold CoTs")
     for r, v in zip(with_gold, values):
         if v is not None:
