@@ -1,9 +1,10 @@
 """Typed configuration: dataclass schemas registered in Hydra's ConfigStore.
 
 YAML files under ``conf/`` hold values; the schemas here hold types. Every
-config group option starts from its schema (``defaults: [<schema>, _self_]``),
-so a misspelt key or a wrong type fails at composition, before anything runs
-or is queued on a cluster. :func:`to_config` turns the composed DictConfig into
+config group option starts from its schema, stored in the ``schema/<group>``
+group (``defaults: [/schema/dataset/hub@_here_, _self_]``), so a misspelt key
+or a wrong type fails at composition, before anything runs or is queued on a
+cluster. :func:`to_config` turns the composed DictConfig into
 these dataclasses and :func:`validate` checks the cross-field rules.
 """
 
@@ -202,6 +203,13 @@ class TrackingConfig:
     tracking_uri: str | None = None  # None -> sqlite store under output_root
     experiment_name: str = "irpo"
     tags: dict[str, str] = field(default_factory=dict)  # extra run tags, e.g. sweep=table1
+    # The run directory is the record and MLflow its mirror (irpo/tracking.py). A server
+    # that does not answer at start: continue (record locally, publish later) or fail.
+    on_unavailable: str = "continue"
+    timeout_s: float = 5.0  # per request to a tracking server
+    retries: int = 1  # per request, before the server counts as down
+    retry_every_s: float = 30.0  # while it is down
+    flush_timeout_s: float = 30.0  # at the end of a run, for what is still unpublished
 
 
 # ------------------------------------------------------------------------- root
@@ -235,14 +243,20 @@ class Config:
     run_name: str | None = None  # prefix of the run directory (None: dataset-method)
 
 
+# Schemas live in their own ConfigStore groups, ``schema/<group>``, apart from the YAML
+# options of ``<group>``: stored in ``<group>`` itself they would be listed as options
+# (``dataset=nosuch`` offering ``arith_schema``). Each YAML option starts from its schema,
+# by absolute path, merged into its own package: ``- /schema/dataset/hub@_here_``
+# (methods, ``@package _global_``, use ``- /schema/method/method@method``).
+SCHEMA_GROUP = "schema"
 _SCHEMAS: dict[str, dict[str, type]] = {
-    "dataset": {"arith_schema": ArithConfig, "hub_schema": HubTaskConfig},
-    "method": {"method_schema": MethodConfig},
-    "model": {"model_schema": ModelConfig},
-    "sampler": {"hf_schema": HFSamplerConfig, "vllm_schema": VLLMSamplerConfig},
-    "trainer": {"torch_schema": TorchTrainerConfig, "deepspeed_schema": DeepSpeedTrainerConfig},
-    "eval": {"eval_schema": EvalConfig},
-    "tracking": {"tracking_schema": TrackingConfig},
+    "dataset": {"arith": ArithConfig, "hub": HubTaskConfig},
+    "method": {"method": MethodConfig},
+    "model": {"model": ModelConfig},
+    "sampler": {"hf": HFSamplerConfig, "vllm": VLLMSamplerConfig},
+    "trainer": {"torch": TorchTrainerConfig, "deepspeed": DeepSpeedTrainerConfig},
+    "eval": {"eval": EvalConfig},
+    "tracking": {"tracking": TrackingConfig},
 }
 
 
@@ -251,7 +265,7 @@ def register_configs() -> None:
     cs.store(name="config_schema", node=Config)
     for group, schemas in _SCHEMAS.items():
         for name, node in schemas.items():
-            cs.store(group=group, name=name, node=node)
+            cs.store(group=f"{SCHEMA_GROUP}/{group}", name=name, node=node)
 
 
 def to_config(cfg: DictConfig) -> Config:
@@ -307,6 +321,23 @@ def validate(cfg: Config) -> None:
         (all(t >= 0 for t in cfg.temperature), f"temperature={cfg.temperature} must be >= 0"),
         (m.data_multiplier in (1, 2), f"method.data_multiplier={m.data_multiplier} must be 1 or 2"),
         (
+            # One sample gives a winner or a loser, never both: no pair, or (with the gold CoT
+            # as a winner) the same (gold, sample) pair pairs_per_prompt times.
+            m.data != "pairs" or cfg.samples_per_prompt * m.data_multiplier >= 2,
+            (f"samples_per_prompt={cfg.samples_per_prompt}: method={m.name} builds (winner, loser) "
+             "pairs from each prompt's samples and needs at least 2"),
+        ),
+        (
+            # The samplers refuse it too (irpo.sampling.hf._check_args), but only at iteration
+            # 1's sample stage, after M0's evaluation.
+            0 not in cfg.temperature[: max(cfg.iterations, 1)]
+            or cfg.samples_per_prompt * m.data_multiplier == 1,
+            f"temperature={cfg.temperature}: 0 is greedy decoding, one sample per prompt, but "
+            f"samples_per_prompt={cfg.samples_per_prompt}"
+            + (f" x method.data_multiplier={m.data_multiplier}" if m.data_multiplier != 1 else "")
+            + " asks for more",
+        ),
+        (
             cfg.trainer.batch_size % cfg.trainer.grad_accum == 0,
             f"trainer.batch_size={cfg.trainer.batch_size} must be divisible by "
             f"trainer.grad_accum={cfg.trainer.grad_accum}",
@@ -337,6 +368,12 @@ def validate(cfg: Config) -> None:
             cfg.tracking.backend in ("mlflow", "none"),
             f"tracking.backend={cfg.tracking.backend!r} must be mlflow or none",
         ),
+        (
+            cfg.tracking.on_unavailable in ("continue", "fail"),
+            f"tracking.on_unavailable={cfg.tracking.on_unavailable!r} must be continue or fail",
+        ),
+        (cfg.tracking.timeout_s > 0, f"tracking.timeout_s={cfg.tracking.timeout_s} must be > 0"),
+        (cfg.tracking.retries >= 0, f"tracking.retries={cfg.tracking.retries} must be >= 0"),
     ]
     for ok, message in checks:
         if not ok:

@@ -142,11 +142,14 @@ def test_missing_checkpoint_is_named(tmp_path):
 
 
 def test_zero_pairs_names_the_stage(tmp_path):
-    """One sample per prompt, without the gold CoT as a winner, can never give a pair."""
-    proc = run_main(SMOKE + ["tracking=none", "samples_per_prompt=1",
+    """One-token responses cannot hold "Final answer: N", so every sample is wrong, and
+    without the gold CoT as a winner no prompt has a winner: zero pairs. (One sample per
+    prompt would do too, but validate refuses samples_per_prompt=1 for a pairs method.)"""
+    proc = run_main(SMOKE + ["tracking=none", "dataset.max_new_tokens=1",
                              "dataset.add_gold_to_winners=false"], tmp_path, check=False)
     assert proc.returncode != 0
     assert "iteration 1, stage 'data'" in proc.stderr
-    assert "had only correct samples" in proc.stderr  # the counts of NoTrainingData
+    assert "48 prompts: 0 had only correct samples" in proc.stderr  # NoTrainingData counts
+    assert "48 had only incorrect samples" in proc.stderr  # smoke: train_size=48
     (run,) = run_dirs(tmp_path)
     assert (run / "iter1/label/DONE").exists()  # finished stages are kept

@@ -21,7 +21,14 @@ import re
 from typing import Any
 
 from irpo.tasks.base import Example, register
-from irpo.tasks.common import HubTask, Source, after_last_final_answer, load_records, render
+from irpo.tasks.common import (
+    HubTask,
+    Source,
+    after_last_final_answer,
+    load_records,
+    reading,
+    render,
+)
 
 PROMPT = (
     "Your task is to answer the question below. Give step by step reasoning before you answer, "
@@ -107,7 +114,8 @@ class ARCChallenge(HubTask):
         examples = []
         for source in sources:
             for rec in load_records(self.cfg, source, split, hub_name=self.cfg.hub_name):
-                examples.append(to_example(rec, self.template))
+                with reading(rec):
+                    examples.append(to_example(rec, self.template))
         return examples
 
     def extract_answer(self, response: str) -> str | None:

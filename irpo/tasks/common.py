@@ -28,19 +28,74 @@ import json
 import os
 import random
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from irpo.config import ConfigError
 from irpo.tasks.base import Example
 
 DATA_ENV = "IRPO_DATA_DIR"
 SPLITS_OF_HUB_TASKS = ("train", "valid", "test")
 
 
-class DataNotFoundError(FileNotFoundError):
+class DataError(ConfigError):
+    """Data the task cannot use: the message names the file and line (or hub row) and what is wrong.
+
+    A ``ConfigError`` (hence a ``ValueError``): the data is an input of the run like its config,
+    and ``python -m irpo.main`` prints it as one ``error: ...`` line.
+    """
+
+
+class DataNotFoundError(FileNotFoundError, DataError):
     """No configured place holds the data; the message lists what was tried and the fix."""
+
+
+class Record(dict):
+    """One raw record that knows where it came from: ``where`` is ``file:line`` or a hub row.
+
+    Reading a required field (``rec["answer"]``) that the record lacks, or holds as null, raises
+    :class:`DataError` naming the place and the field, not a bare ``KeyError``; ``get`` is
+    unchanged for optional fields. Objects nested in a record are Records with the same ``where``.
+    """
+
+    __slots__ = ("where",)
+
+    def __init__(self, data: Any = (), where: str = "?"):
+        super().__init__(data)
+        self.where = where
+
+    def __getitem__(self, key: str) -> Any:
+        value = super().__getitem__(key)  # absent: __missing__
+        if value is None:
+            raise DataError(f"{self.where}: record's {key!r} field is null")
+        return value
+
+    def __missing__(self, key: str) -> Any:
+        raise DataError(f"{self.where}: record has no {key!r} field")
+
+
+def as_record(obj: Any, where: str) -> Any:
+    """``obj`` with every dict in it (at any depth, in lists too) made a :class:`Record`."""
+    if isinstance(obj, dict):
+        return Record({k: as_record(v, where) for k, v in obj.items()}, where)
+    if isinstance(obj, list):
+        return [as_record(v, where) for v in obj]
+    return obj
+
+
+@contextmanager
+def reading(rec: Any) -> Iterator[None]:
+    """Turn one record into an Example: a ValueError inside (a gold answer that does not parse)
+    becomes a :class:`DataError` that names the record's place."""
+    try:
+        yield
+    except DataError:
+        raise
+    except ValueError as err:
+        raise DataError(f"{getattr(rec, 'where', '?')}: {err}") from err
 
 
 @dataclass(frozen=True)
@@ -55,25 +110,29 @@ class Source:
     ids: dict[str, str] = field(default_factory=dict)  # split -> file of record ids, line-aligned
 
 
-def read_jsonl(path: Path) -> list[dict]:
-    """Parse a JSON Lines file; a bad line raises ValueError naming the file and the line."""
+def read_jsonl(path: Path) -> list[Record]:
+    """Parse a JSON Lines file into :class:`Record` objects that know their ``file:line``.
+
+    A bad line raises :class:`DataError` (a ValueError) naming the file and the line.
+    """
     records = []
     with open(path, encoding="utf-8") as fh:
         for lineno, line in enumerate(fh, start=1):
             if not line.strip():
                 continue
+            where = f"{path}:{lineno}"
             try:
-                rec = json.loads(line)
+                rec = json.loads(line, object_hook=lambda obj, where=where: Record(obj, where))
             except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{lineno}: malformed JSON line ({err.msg})") from None
+                raise DataError(f"{where}: malformed JSON line ({err.msg})") from None
             if not isinstance(rec, dict):  # a data error, like the malformed line above
-                raise ValueError(  # noqa: TRY004
-                    f"{path}:{lineno}: expected a JSON object, got {type(rec).__name__}")
+                raise DataError(f"{where}: expected a JSON object, got {type(rec).__name__}")
             records.append(rec)
     return records
 
 
-def _from_directory(root: Path, source: Source, split: str, tried: list[str]) -> list[dict] | None:
+def _from_directory(root: Path, source: Source, split: str,
+                    tried: list[str]) -> list[Record] | None:
     """Records of ``split`` under ``root`` (data root, task folder or sibling folder), or None."""
     name = source.files[split]
     for folder in (root / source.folder, root, root.parent / source.folder):
@@ -92,7 +151,7 @@ def _with_ids(records: list[dict], ids_path: Path) -> list[dict]:
     if ids_path.is_file():
         ids = ids_path.read_text(encoding="utf-8").split()
         if len(ids) != len(records):
-            raise ValueError(f"{ids_path}: {len(ids)} ids for {len(records)} records")
+            raise DataError(f"{ids_path}: {len(ids)} ids for {len(records)} records")
         for rec, rec_id in zip(records, ids):
             rec.setdefault("unique_id", rec_id)
     return records
@@ -106,8 +165,9 @@ def _from_saved(folder: Path, split: str, tried: list[str]) -> list[dict] | None
         return None
     saved = datasets.load_from_disk(str(folder))
     if split not in saved:
-        raise ValueError(f"{folder}: saved dataset has splits {list(saved)}, not {split!r}")
-    return [dict(row) for row in saved[split]]
+        raise DataError(f"{folder}: saved dataset has splits {list(saved)}, not {split!r}")
+    return [as_record(dict(row), f"{folder} ({split} split, row {i})")
+            for i, row in enumerate(saved[split])]
 
 
 def _from_hub(source: Source, split: str, hub_name: str, configs: Iterable[str | None],
@@ -125,13 +185,18 @@ def _from_hub(source: Source, split: str, hub_name: str, configs: Iterable[str |
         except Exception as err:  # noqa: BLE001  # network, auth, moved repo: report and try nothing else
             tried.append(f"hub {hub_name} config={config} split={hub_split}: {type(err).__name__}: {err}")
             return None
-        rows.extend(dict(row) for row in part)
+        where = f"hub {hub_name} config={config} split={hub_split}"
+        rows.extend(as_record(dict(row), f"{where}, row {i}") for i, row in enumerate(part))
     return rows
 
 
 def load_records(cfg: Any, source: Source, split: str, *, hub_name: str | None = None,
-                 hub_configs: Iterable[str | None] | None = None) -> list[dict]:
-    """Raw records of ``split`` ("train"/"test") of ``source``, resolved as the module says."""
+                 hub_configs: Iterable[str | None] | None = None) -> list[Record]:
+    """Raw records of ``split`` ("train"/"test") of ``source``, resolved as the module says.
+
+    Each is a :class:`Record`: a required field it lacks raises :class:`DataError` naming
+    the file and line (or hub row) and the field.
+    """
     tried: list[str] = []
     data_dir = getattr(cfg, "data_dir", None)
     if data_dir:
@@ -220,15 +285,15 @@ class HubTask:
         for key in ("train_size", "valid_size", "test_size"):
             value = getattr(cfg, key, None)
             if value is not None and value < 0:
-                raise ValueError(f"dataset.{key}={value} must be >= 0 or null")
+                raise ConfigError(f"dataset.{key}={value} must be >= 0 or null")
         shots = getattr(cfg, "num_shots", 0) or 0
         if not 0 <= shots <= self.max_shots:
-            raise ValueError(
+            raise ConfigError(
                 f"dataset.num_shots={shots}: task {self.name} supports 0..{self.max_shots} shots"
             )
         self.template = getattr(cfg, "prompt_template", None) or self.default_template
         if not any("{" + f + "}" in self.template for f in self.question_fields):
-            raise ValueError(  # at build time, not after hours of queueing
+            raise ConfigError(  # at build time, not after hours of queueing
                 "dataset.prompt_template must contain the "
                 + " or ".join("{" + f + "}" for f in self.question_fields) + " placeholder"
             )
@@ -265,7 +330,7 @@ class HubTask:
         pool = self._pool_once("train")
         n_valid = cfg.valid_size or 0
         if n_valid > len(pool):
-            raise ValueError(
+            raise ConfigError(
                 f"dataset.valid_size={n_valid} exceeds the {len(pool)} training prompts of {self.name}"
             )
         held = set(seeded_sample(len(pool), n_valid, f"irpo-valid-{self.name}"))
@@ -280,6 +345,6 @@ def _subset(pool: list[Example], size: int | None, key: str, seed: str, note: st
     if size is None:
         return pool
     if size > len(pool):
-        raise ValueError(f"dataset.{key}={size} exceeds the {len(pool)} examples available{note}")
+        raise ConfigError(f"dataset.{key}={size} exceeds the {len(pool)} examples available{note}")
     return [pool[i] for i in seeded_sample(len(pool), size, seed)]
 

@@ -22,7 +22,14 @@ from fractions import Fraction
 from typing import Any
 
 from irpo.tasks.base import Example, register
-from irpo.tasks.common import HubTask, Source, after_last_final_answer, load_records, render
+from irpo.tasks.common import (
+    HubTask,
+    Source,
+    after_last_final_answer,
+    load_records,
+    reading,
+    render,
+)
 
 PROMPT = (
     "Your task is to answer the question below. Give step by step reasoning before you answer, "
@@ -109,6 +116,8 @@ def extract_number(response: str) -> Fraction | None:
 
 def gold_from_solution(solution: str) -> str:
     """The canonical number after ``####`` in a GSM8K reference solution."""
+    if "####" not in solution:
+        raise ValueError(f"no '#### <number>' line in GSM8K solution: {solution[-80:]!r}")
     value = parse_number(solution.rsplit("####", 1)[1])
     if value is None:
         raise ValueError(f"no number after #### in GSM8K solution: {solution[-80:]!r}")
@@ -132,14 +141,15 @@ class GSM8K(HubTask):
                                hub_configs=(self.cfg.hub_config or "main",))
         examples = []
         for i, rec in enumerate(records):
-            question, solution = rec["question"].strip(), rec["answer"]
-            examples.append(Example(
-                id=f"gsm8k/{split}/{i}",
-                question=question,
-                prompt=render(self.template, question=question),
-                gold_answer=gold_from_solution(solution),
-                gold_cot=gold_cot(solution),
-            ))
+            with reading(rec):
+                question, solution = rec["question"].strip(), rec["answer"]
+                examples.append(Example(
+                    id=f"gsm8k/{split}/{i}",
+                    question=question,
+                    prompt=render(self.template, question=question),
+                    gold_answer=gold_from_solution(solution),
+                    gold_cot=gold_cot(solution),
+                ))
         return examples
 
     def extract_answer(self, response: str) -> str | None:

@@ -28,7 +28,14 @@ from functools import lru_cache
 from typing import Any
 
 from irpo.tasks.base import Example, register
-from irpo.tasks.common import HubTask, Source, after_last_final_answer, load_records, render
+from irpo.tasks.common import (
+    DataError,
+    HubTask,
+    Source,
+    after_last_final_answer,
+    load_records,
+    render,
+)
 
 INSTRUCTION = (
     "Your task is to answer the question below. Give step by step reasoning before you answer, "
@@ -288,7 +295,8 @@ class MathTask(HubTask):
             for path, digest in EXEMPLARS[: self.cfg.num_shots or 0]:
                 rec = by_hash.get(digest)
                 if rec is None:
-                    raise ValueError(f"MATH few-shot exemplar {path} is not in this training data")
+                    raise DataError(f"MATH few-shot exemplar {path} is not in this training data "
+                                    f"(dataset.num_shots={self.cfg.num_shots})")
                 shots.append(SHOT.format(problem=rec["problem"].strip(),
                                          solution=rec["solution"].strip(),
                                          answer=last_boxed(rec["solution"])))
