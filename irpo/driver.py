@@ -11,8 +11,10 @@ stage. Iteration 0 only evaluates M0. Called by irpo.main; usable directly:
 from __future__ import annotations
 
 import logging
+import os
 import resource
 import shutil
+import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,11 +26,20 @@ from irpo.config import Config, ConfigError, temperature_at
 from irpo.evaluate import evaluate
 from irpo.modeling import resolve_device
 from irpo.pairs import NoTrainingData, build_examples, pool_examples
-from irpo.rundir import RunDir, read_jsonl, write_jsonl
+from irpo.record import StepLog, run_record, stage_record, write_run_summary
+from irpo.rundir import KILL_AT_STEP_ENV, RunDir, config_hash, read_jsonl, write_jsonl
+from irpo.runlock import RunInProgress, RunLock
 from irpo.sampling import build_sampler
 from irpo.summary import iteration_rows, render_table
 from irpo.tasks import Example, Task, build_task
-from irpo.tracking import Tracker, build_tracker
+from irpo.tracking import (
+    build_tracker,
+    flatten,
+    read_tracking_file,
+    run_label,
+    run_tags,
+    write_tracking_file,
+)
 from irpo.training import get_trainer
 
 log = logging.getLogger(__name__)
@@ -43,7 +54,7 @@ class Context:
     cfg: Config
     task: Task
     run: RunDir
-    tracker: Tracker
+    tracker: object  # irpo.tracking: MLflowTracker or NullTracker
     splits: dict[str, list[Example]]
     _sampler: tuple[Path, object] | None = field(default=None, repr=False)
 
@@ -169,7 +180,15 @@ def stage_train(ctx: Context, t: int, init: Path, out: Path) -> dict:
     cfg = ctx.cfg
     examples = read_jsonl(ctx.run.stage_dir(t, "data") / "train.jsonl")
     offset = sum(ctx.run.done_info(i, "train")["steps"] for i in range(1, t))
-    info = get_trainer(cfg.trainer.name)(cfg, init, examples, out, ctx.tracker.log_metrics,
+    steps = StepLog(out)  # the record first (committed with the stage), then MLflow
+
+    def log_step(metrics: dict[str, float], step: int) -> None:
+        ctx.tracker.publish(steps.append(metrics, step))
+        if os.environ.get(KILL_AT_STEP_ENV) == str(step):  # fault tests
+            ctx.tracker.flush(timeout=30)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    info = get_trainer(cfg.trainer.name)(cfg, init, examples, out, log_step,
                                          offset, cfg.seed * 1000 + t)
     ckpts = [out / name for name in info["checkpoints"]]
     best, scores = ckpts[-1], {}
@@ -193,7 +212,6 @@ def stage_eval(ctx: Context, t: int, model: Path, out: Path) -> dict:
                        max_new_tokens=cfg.dataset.max_new_tokens, maj_k=cfg.eval.maj_k,
                        maj_temperature=cfg.eval.maj_temperature, seed=cfg.seed, prefix="test",
                        out_file=out / "predictions.jsonl")
-    ctx.tracker.log_metrics(metrics, t)
     return metrics
 
 
@@ -207,16 +225,13 @@ def stage_heldout(ctx: Context, t: int, model: Path, out: Path) -> dict:
                      maj_temperature=cfg.eval.maj_temperature, seed=cfg.seed,
                      prefix=f"heldout/{name}", out_file=out / f"{name}.jsonl")
         metrics.update(m)
-    ctx.tracker.log_metrics(metrics, t)
     return metrics
 
 
 def _stage(ctx: Context, t: int, name: str, fn) -> dict:
-    _, info = ctx.run.run_stage(t, name, fn)
-    if not info["skipped"]:
-        numeric = {(k if "/" in k else f"{name}/{k}"): v for k, v in info.items()
-                   if isinstance(v, (int, float)) and not isinstance(v, bool)}
-        ctx.tracker.log_metrics(numeric, t)
+    final, info = ctx.run.run_stage(t, name, fn)
+    if not info["skipped"]:  # a skipped stage's record was published when the run started
+        ctx.tracker.publish(stage_record(final, t))
     return info
 
 
@@ -262,21 +277,61 @@ def preflight(cfg: Config) -> None:
         raise ConfigError(str(err)) from err
 
 
-def run(cfg: Config, raw: DictConfig) -> dict:
-    """Run (or resume) one experiment; returns its summary."""
+def check_inputs(cfg: Config) -> tuple[Task, dict[str, list[Example]]]:
+    """The task, its splits and M0's checkpoint, checked before anything is created."""
     preflight(cfg)
-    task = build_task(cfg.dataset)
+    try:
+        task = build_task(cfg.dataset)
+        splits = {s: task.load_split(s) for s in ("train", "valid", "test")}
+    except (ValueError, OSError) as err:  # data not found, a bad file or record: one line
+        raise ConfigError(str(err).splitlines()[0] if str(err) else repr(err)) from None
+    if cfg.model.builtin is None:
+        initial_model(cfg)  # a missing checkpoint fails here
+    return task, splits
+
+
+def tracking_tags(run_dir: RunDir, raw: DictConfig, resolved: dict) -> dict[str, str]:
+    """The run's tags, fixed by its first attempt (a later sync publishes the same ones)."""
+    state = read_tracking_file(run_dir.path)
+    if "tags" not in state:
+        state["tags"] = run_tags(resolved, run_dir.path, config_hash(raw))
+        write_tracking_file(run_dir.path, state)
+    return state["tags"]
+
+
+def run(cfg: Config, raw: DictConfig) -> dict:
+    """Run (or resume) one experiment; returns its summary.
+
+    Bad input fails before anything is created; a second launch of a run in progress
+    is refused (irpo.runlock); the tracker publishes what the run directory records.
+    """
+    task, splits = check_inputs(cfg)
+    tracker = build_tracker(cfg.tracking, cfg.output_root)
     name = cfg.run_name or f"{cfg.dataset.name}-{cfg.method.name}"
     run_dir = RunDir.for_config(raw, cfg.output_root, name)
+    run_dir.path.mkdir(parents=True, exist_ok=True)
+    try:
+        lock = RunLock(run_dir.path).acquire()
+    except RunInProgress as err:
+        raise StageError(str(err)) from None
+    try:
+        return _run_locked(cfg, raw, task, splits, tracker, run_dir)
+    finally:
+        lock.release()
+
+
+def _run_locked(cfg: Config, raw: DictConfig, task: Task, splits: dict, tracker,
+                run_dir: RunDir) -> dict:
     log.info("run directory: %s", run_dir.path)
-    splits = {s: task.load_split(s) for s in ("train", "valid", "test")}
+    run_dir.save_config(raw)
     resolved = OmegaConf.to_container(OmegaConf.masked_copy(raw, [k for k in raw if k != "hydra"]),
                                       resolve=True)
-    tracker = build_tracker(cfg, run_dir.path, resolved)
+    tracker.start(run_dir.path, flatten(resolved), tracking_tags(run_dir, raw, resolved),
+                  run_label(resolved))
+    tracker.publish(run_record(run_dir.path))  # what earlier attempts recorded
     ctx = Context(cfg, task, run_dir, tracker, splits)
     try:
-        m0 = initial_model(cfg)
-        iterate(ctx, m0)
+        iterate(ctx, initial_model(cfg))
     except BaseException:
         tracker.finish("FAILED")
         raise
@@ -286,10 +341,8 @@ def run(cfg: Config, raw: DictConfig) -> dict:
     table = render_table(rows, cfg.eval.maj_k)
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     (run_dir.path / "summary.md").write_text(table + f"\n\npeak RSS: {peak_mb:.0f} MiB\n")
-    tracker.log_metrics({"peak_rss_mb": peak_mb}, cfg.iterations)
-    for f in ("config.yaml", "summary.md"):
-        tracker.log_artifact(run_dir.path / f)
-    tracker.finish()
+    tracker.publish(write_run_summary(run_dir.path, {"peak_rss_mb": peak_mb}, cfg.iterations))
+    tracker.finish("FINISHED", [run_dir.path / f for f in ("config.yaml", "summary.md")])
     print("\n" + table + f"\n\npeak RSS {peak_mb:.0f} MiB; run directory {run_dir.path}")
     if tracker.ui_hint:
         print(f"MLflow: {tracker.ui_hint}")

@@ -38,13 +38,14 @@ def _match_threads_to_allocation() -> None:
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(raw: DictConfig) -> float:
     from irpo.driver import StageError, run  # heavy imports after composition succeeded
+    from irpo.tracking import TrackingUnavailable
 
     _match_threads_to_allocation()
     try:
         cfg = to_config(raw)
         validate(cfg)
         return run(cfg, raw)["final_test_accuracy"]
-    except (ConfigError, StageError) as e:
+    except (ConfigError, StageError, TrackingUnavailable) as e:
         log.error("%s", e)
         sys.exit(f"error: {e}")
 

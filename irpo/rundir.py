@@ -30,9 +30,11 @@ log = logging.getLogger(__name__)
 # Keys that do not change what a run computes: where it is logged or stored.
 NON_SEMANTIC_KEYS = ("hydra", "tracking", "output_root", "cache_dir", "run_name")
 
-# Debugging hook used by the resume tests: kill this process with SIGKILL right
-# after the named stage (for example "iter1/sample") is marked done.
+# Debugging hooks used by the fault tests: kill this process with SIGKILL right
+# after the named stage (for example "iter1/sample") is marked done, or right after
+# the training step with this global number is recorded (irpo.driver).
 KILL_AFTER_ENV = "IRPO_KILL_AFTER_STAGE"
+KILL_AT_STEP_ENV = "IRPO_KILL_AT_TRAIN_STEP"
 
 
 def config_hash(raw: DictConfig) -> str:
@@ -75,13 +77,17 @@ class RunDir:
 
     @classmethod
     def for_config(cls, raw: DictConfig, output_root: str, name: str) -> RunDir:
-        path = Path(output_root).resolve() / "runs" / f"{name}-{config_hash(raw)}"
-        path.mkdir(parents=True, exist_ok=True)
-        config_file = path / "config.yaml"
+        """The run directory of ``raw`` (not created: a run takes its lock first)."""
+        return cls(Path(output_root).resolve() / "runs" / f"{name}-{config_hash(raw)}")
+
+    def save_config(self, raw: DictConfig) -> None:
+        """``config.yaml``, the resolved config, written by the first attempt only."""
+        config_file = self.path / "config.yaml"
         if not config_file.exists():
             keep = [k for k in raw.keys() if k != "hydra"]
-            OmegaConf.save(OmegaConf.masked_copy(raw, keep), config_file, resolve=True)
-        return cls(path)
+            tmp = config_file.with_name("config.yaml.tmp")
+            OmegaConf.save(OmegaConf.masked_copy(raw, keep), tmp, resolve=True)
+            os.replace(tmp, config_file)
 
     def stage_dir(self, iteration: int, stage: str) -> Path:
         return self.path / f"iter{iteration}" / stage

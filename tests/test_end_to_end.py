@@ -1,5 +1,5 @@
-"""The loop for real: a reduced default run, resuming after a kill at every
-stage, the user's sweep command, and the errors a user sees.
+"""The loop for real: a reduced default run, the user's sweep command, and the
+errors a user sees (kills, resumes and outages: test_faults.py).
 
 Each test runs ``python -m irpo.main`` in a subprocess on the built-in model
 (pre-trained once, cached in outputs/test-cache).
@@ -71,32 +71,6 @@ def test_reduced_default_run(tmp_path):
     for key in ("train/loss", "train/dpo", "train/nll", "logps/chosen", "logps/rejected",
                 "rewards/accuracy", "rewards/margin"):
         assert sorted(mr["metrics"][key]) == list(range(1, steps + 1)), key
-
-
-def test_resume_after_kill_at_every_stage(tmp_path):
-    """Kill the process (SIGKILL) right after each stage in turn; every rerun
-    resumes, skips what is done, and the end result equals an uninterrupted run."""
-    root = tmp_path / "killed"
-    for i, stage in enumerate(STAGES[:-1]):
-        proc = run_main(SMOKE + ["tracking=none"], root, env={"IRPO_KILL_AFTER_STAGE": stage},
-                        check=False)
-        assert proc.returncode == -9, proc.stderr[-3000:]
-        (run,) = run_dirs(root)
-        assert (run / stage / "DONE").exists()
-        assert not (run / STAGES[i + 1] / "DONE").exists()
-        for done in STAGES[:i]:  # finished before this attempt: not redone
-            assert f"iteration {done[4]} {done.split('/')[1]}: done already, skipped" in proc.log
-    proc = run_main(SMOKE + ["tracking=none"], root)
-    (run,) = run_dirs(root)
-    assert proc.log.count("done already, skipped") == len(STAGES) - 1
-
-    clean = tmp_path / "clean"
-    run_main(SMOKE + ["tracking=none"], clean)
-    (ref,) = run_dirs(clean)
-    assert run.name == ref.name  # same config -> same run directory name
-    for f in ("iter1/sample/samples.jsonl", "iter1/label/labelled.jsonl",
-              "iter1/data/train.jsonl", "iter1/eval/predictions.jsonl"):
-        assert (run / f).read_text() == (ref / f).read_text(), f
 
 
 def test_changed_config_gets_its_own_run_dir(tmp_path):
