@@ -32,6 +32,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from irpo.mlflow_view import chart_view_tag, experiment_url
 from irpo.record import Metric
 
 log = logging.getLogger(__name__)
@@ -267,13 +268,22 @@ class MLflowTracker:
 
     def _experiment_id(self) -> str:
         if self._exp_id is None:
+            view_key, view = chart_view_tag()
             # Sweep points started together (SLURM array jobs) would race to create
             # the sqlite schema and the experiment; one of them would crash.
             with _store_lock(self.uri):
                 exp = self.client.get_experiment_by_name(self.experiment)
-                self._exp_id = exp.experiment_id if exp else self.client.create_experiment(
-                    self.experiment, artifact_location=self.artifact_root.as_uri(),
-                    tags=EXPERIMENT_KIND)
+                if exp is None:
+                    self._exp_id = self.client.create_experiment(
+                        self.experiment, artifact_location=self.artifact_root.as_uri(),
+                        tags={**EXPERIMENT_KIND, view_key: view})
+                else:
+                    self._exp_id = exp.experiment_id
+                    if view_key not in exp.tags:  # an experiment made by an older irpo
+                        self.client.set_experiment_tag(self._exp_id, view_key, view)
+            server = self.uri.startswith(("http://", "https://"))
+            link = experiment_url(self.uri if server else "http://127.0.0.1:5000", self._exp_id)
+            self.ui_hint = link if server else f"mlflow ui --backend-store-uri {self.uri}, then open {link}"
         return self._exp_id
 
     def _open_run(self) -> None:

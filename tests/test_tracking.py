@@ -127,3 +127,19 @@ def test_run_record_reads_committed_stages_only(tmp_path):
 def test_run_label(method, dataset, want):
     resolved = {"method": method, "dataset": {"name": dataset}, "beta": 0.1, "alpha": 4.0, "seed": 0}
     assert run_label(resolved) == want
+
+
+def test_experiment_opens_on_the_charts_view_with_test_accuracy_first(tmp_path):
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    MlflowClient(tracking_uri=uri).create_experiment("old", artifact_location=tmp_path.as_uri())
+    for name in ("irpo", "old"):  # created by the tracker; made before the view existed
+        tracker = MLflowTracker(uri, name, tmp_path / "art", Settings())
+        assert tracker.connect()
+        tags = MlflowClient(tracking_uri=uri).get_experiment_by_name(name).tags
+        view = json.loads(json.loads(tags["mlflow.sharedViewState.irpo-default"])["state"])
+        assert view["compareRunCharts"][0]["metricKey"] == "test/accuracy"
+        assert tracker.ui_hint.endswith(f"#/experiments/{tracker._exp_id}/runs?viewStateShareKey="
+                                        "irpo-default&workflowType=machine_learning&compareRunsMode=CHART")
+    assert tags.get("mlflow.experimentKind") is None  # only experiments the tracker creates
