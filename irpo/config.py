@@ -175,6 +175,10 @@ class TorchTrainerConfig(TrainerConfig):
     """One process (irpo/training/torch_trainer.py)."""
 
     device: str = "auto"  # auto: the GPU if there is one, else the CPU; or cpu, cuda, cuda:1
+    # Step checkpoints a killed or pre-empted train stage resumes from (trainer=torch;
+    # irpo/training/resume.py): every N steps and/or every M minutes of training; None: never.
+    save_every_steps: int | None = None
+    save_every_min: float | None = 30.0
 
 
 @dataclass

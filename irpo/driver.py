@@ -228,8 +228,8 @@ def stage_heldout(ctx: Context, t: int, model: Path, out: Path) -> dict:
     return metrics
 
 
-def _stage(ctx: Context, t: int, name: str, fn) -> dict:
-    final, info = ctx.run.run_stage(t, name, fn)
+def _stage(ctx: Context, t: int, name: str, fn, resumable: bool = False) -> dict:
+    final, info = ctx.run.run_stage(t, name, fn, resumable)
     if not info["skipped"]:  # a skipped stage's record was published when the run started
         ctx.tracker.publish(stage_record(final, t))
     return info
@@ -252,7 +252,8 @@ def iterate(ctx: Context, m0: Path) -> None:
         _stage(ctx, t, "data", lambda out: stage_data(ctx, t, out))
         # M(t-1) is not sampled from again, and a GPU engine must not hold memory while training.
         ctx.close_sampler()
-        _stage(ctx, t, "train", lambda out: stage_train(ctx, t, model, out))
+        _stage(ctx, t, "train", lambda out: stage_train(ctx, t, model, out),
+               resumable=cfg.trainer.name == "torch")  # step checkpoints: irpo.training.resume
         model = ctx.run.stage_dir(t, "train") / "model"
         evaluate_all(ctx, t, model)
 

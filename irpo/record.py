@@ -70,18 +70,35 @@ class StepLog:
     """Append-only per-step metrics of one stage (``<stage>.tmp/metrics.jsonl``).
 
     Each line is flushed when written, so a step that was published before a kill
-    is on disk too.
+    is on disk too. A training stage that resumes from a step checkpoint redoes the
+    steps after it: the first redone step cuts the file back to the steps before it.
     """
 
     def __init__(self, stage_dir: Path):
         self.path = Path(stage_dir) / STEP_METRICS
+        self._last = max((m.step for m in step_records(self.path)), default=0)
 
     def append(self, metrics: dict[str, float], step: int) -> list[Metric]:
+        if step <= self._last:
+            self._cut_before(step)
+        self._last = step
         now = int(time.time() * 1000)
         values = {k: float(v) for k, v in metrics.items() if v is not None}
         with open(self.path, "a") as f:
             f.write(json.dumps({"step": step, "time": now, "metrics": values}) + "\n")
         return [Metric(k, v, step, now) for k, v in values.items() if math.isfinite(v)]
+
+    def _cut_before(self, step: int) -> None:
+        keep = []
+        for line in self.path.read_text().splitlines():
+            try:
+                if json.loads(line)["step"] < step:
+                    keep.append(line + "\n")
+            except json.JSONDecodeError:
+                pass  # a line cut short by the kill
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text("".join(keep))
+        tmp.replace(self.path)
 
 
 def stage_record(stage_dir: Path, iteration: int) -> list[Metric]:

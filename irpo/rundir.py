@@ -97,12 +97,13 @@ class RunDir:
         return json.loads(marker.read_text()) if marker.exists() else None
 
     def run_stage(
-        self, iteration: int, stage: str, fn: Callable[[Path], dict]
+        self, iteration: int, stage: str, fn: Callable[[Path], dict], resumable: bool = False
     ) -> tuple[Path, dict]:
         """Run ``fn(tmp_dir) -> info`` unless the stage is already done.
 
-        Returns the stage's final directory and its info (with ``wall_s`` and
-        ``skipped``).
+        ``resumable``: a ``.tmp`` folder left by a killed attempt is kept, for ``fn`` to
+        resume from (irpo.training.resume); otherwise it is discarded. Returns the stage's
+        final directory and its info (with ``wall_s`` and ``skipped``).
         """
         final = self.stage_dir(iteration, stage)
         info = self.done_info(iteration, stage)
@@ -110,8 +111,9 @@ class RunDir:
             log.info("iteration %d %s: done already, skipped", iteration, stage)
             return final, {**info, "skipped": True}
         tmp = final.with_name(final.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+        if not (resumable and tmp.is_dir()):
+            shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True, exist_ok=True)
         log.info("iteration %d %s: starting", iteration, stage)
         t0 = time.perf_counter()
         info = dict(fn(tmp))

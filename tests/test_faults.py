@@ -28,6 +28,8 @@ from mlflow_helpers import (
 pytestmark = pytest.mark.slow
 SMOKE = ["experiment=smoke"]
 TINY = SMOKE + ["dataset.train_size=16", "dataset.test_size=8"]
+# A step checkpoint every 2 steps: the kill at step 3 resumes training after step 2.
+STEP_CKPT = SMOKE + ["trainer.save_every_steps=2"]
 RUN_NAME = "rpo β=0.1 α=4 seed=0"
 # Kill points in order: after each stage's DONE, and once in the middle of training.
 KILLS = [("IRPO_KILL_AFTER_STAGE", "iter0/eval"), ("IRPO_KILL_AFTER_STAGE", "iter1/sample"),
@@ -65,9 +67,9 @@ def digest(path: Path) -> str:
 def test_kills_and_a_concurrent_launch_leave_an_uninterrupted_runs_history(tmp_path):
     clean_root, killed_root = tmp_path / "clean", tmp_path / "killed"
     # The uninterrupted run, and a second launch of the same config while it runs.
-    first = start_main(SMOKE, clean_root, tmp_path / "clean.log")
+    first = start_main(STEP_CKPT, clean_root, tmp_path / "clean.log")
     wait_for(lambda: list(clean_root.glob("runs/*/run.lock")), first)
-    second = run_main(SMOKE, clean_root, check=False, timeout=300)
+    second = run_main(STEP_CKPT, clean_root, check=False, timeout=300)
     assert second.returncode != 0
     assert "error: run in progress" in second.stderr and f"pid {first.pid}" in second.stderr
     assert first.wait(timeout=1800) == 0, (tmp_path / "clean.log").read_text()[-3000:]
@@ -75,11 +77,14 @@ def test_kills_and_a_concurrent_launch_leave_an_uninterrupted_runs_history(tmp_p
     assert not (clean / "run.lock").exists()
 
     for env_key, where in KILLS:
-        proc = run_main(SMOKE, killed_root, env={env_key: where}, check=False)
+        proc = run_main(STEP_CKPT, killed_root, env={env_key: where}, check=False)
         assert proc.returncode == -9, proc.log[-3000:]
-    run_main(SMOKE, killed_root)
+        if where == "iter1/train":  # the attempt after the mid-training kill
+            assert "resuming training after step 2" in proc.log
+    run_main(STEP_CKPT, killed_root)
     run = the_run_dir(killed_root)
     assert run.name == clean.name
+    assert not (run / "iter1/train/resume").exists()  # step checkpoints go with the stage
 
     # Artifacts: byte-identical, the trained weights included.
     for f in ("iter1/sample/samples.jsonl", "iter1/label/labelled.jsonl", "iter1/data/train.jsonl",

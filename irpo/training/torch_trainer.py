@@ -28,6 +28,7 @@ from irpo.modeling import context_length, load_model, resolve_device
 from irpo.training.data import pair_batch, tokenize_examples
 from irpo.training.logprobs import batch_logprobs, reference_logprobs
 from irpo.training.reference import stage_reference
+from irpo.training.resume import StepSaver, discard, load_state, restore, save_state
 from irpo.training.shared_prefix import pair_logprobs
 
 log = logging.getLogger(__name__)
@@ -137,8 +138,9 @@ def train(cfg, init_path: Path, examples: list[dict], out_dir: Path,
           log_metrics: MetricsFn, step_offset: int, seed: int) -> dict:
     """Train on ``examples``; save checkpoints under ``out_dir/ckpt-<step>``.
 
-    Returns the stage summary: steps, checkpoint paths, and end-of-training
-    log-prob changes of chosen and rejected responses against the reference.
+    Resumes after the last step checkpoint a killed attempt left in ``out_dir``
+    (irpo.training.resume). Returns the stage summary: steps, checkpoint paths, and
+    end-of-training log-prob changes of chosen and rejected responses against the reference.
     """
     tcfg = cfg.trainer
     torch.manual_seed(seed)
@@ -147,13 +149,16 @@ def train(cfg, init_path: Path, examples: list[dict], out_dir: Path,
     set_gradient_checkpointing(model, tcfg)
     pad_id = tokenizer.pad_token_id
     toks, truncated = tokenize_for(model, tokenizer, examples)
+    state = load_state(out_dir)
     refs_all, ref_info = None, {}
-    if cfg.method.dpo:
+    if cfg.method.dpo and state is not None:  # M(t-1)'s log-probs, saved with the state
+        refs_all, ref_info = state["refs"], state["ref_info"]
+    elif cfg.method.dpo:
         refs_all, ref_info = stage_reference(
             toks, lambda part: reference_logprobs(model, part, pad_id, tcfg.batch_size,
                                                   device=device, share_prompt=True),
             tcfg, example_ids(examples), seed)
-        refs_all = tuple(r.to(device) for r in refs_all)
+    refs_all = tuple(r.to(device) for r in refs_all) if refs_all is not None else None
     model.train()
     steps = plan_steps(len(toks), tcfg)
     save_at = checkpoint_steps(steps, tcfg.checkpoints)
@@ -161,9 +166,16 @@ def train(cfg, init_path: Path, examples: list[dict], out_dir: Path,
     scheduler = make_scheduler(optimizer, tcfg, steps)
     micro_size = tcfg.batch_size // tcfg.grad_accum
     history: list[dict[str, float]] = []
-    checkpoints = []
-    bar = tqdm(batch_order(len(toks), steps, tcfg.batch_size, seed), desc="training", unit="step")
-    for step, idx in enumerate(bar, 1):
+    checkpoints: list[Path] = []
+    done = 0
+    if state is not None:
+        restore(state, model, optimizer, scheduler)
+        history, done = state["history"], state["step"]
+        checkpoints = [out_dir / name for name in state["checkpoints"]]
+    saver = StepSaver(tcfg.save_every_steps, tcfg.save_every_min)
+    batches = batch_order(len(toks), steps, tcfg.batch_size, seed)
+    bar = tqdm(batches[done:], initial=done, total=steps, desc="training", unit="step")
+    for step, idx in enumerate(bar, done + 1):
         parts = [idx[i : i + micro_size] for i in range(0, len(idx), micro_size)]
         sums: dict[str, float] = {}
         for part in parts:
@@ -184,6 +196,11 @@ def train(cfg, init_path: Path, examples: list[dict], out_dir: Path,
         if step in save_at:
             checkpoints.append(out_dir / f"ckpt-{step}")
             save_checkpoint(model, tokenizer, checkpoints[-1])
+        if saver.due(step, steps):
+            save_state(out_dir, step, model, optimizer, scheduler, history, checkpoints,
+                       refs_all, ref_info)
+            saver.saved()
+    discard(out_dir)
     return stage_summary(steps, len(toks), truncated, checkpoints, history, ref_info)
 
 

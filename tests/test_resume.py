@@ -1,0 +1,94 @@
+"""A training stage resumes inside itself: step checkpoints of trainer=torch.
+
+An attempt is stopped after a step (an exception out of the metrics callback, as a kill
+would stop it) and the stage is run again on the same folder; the final weights, the
+metrics of every step and the summary equal those of an uninterrupted stage, bitwise.
+The end-to-end kill -9 of a real run is in test_faults.py.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from irpo.record import StepLog, step_records
+from irpo.training.resume import STATE_FILE, StepSaver, load_state
+from irpo.training.torch_trainer import train
+from test_trainer import make_cfg, tiny_ckpt  # noqa: F401 - the fixture is used by name
+
+
+class Stop(Exception):
+    pass
+
+
+def attempt(cfg, path, pairs, out, stop_at=None):
+    logged = []
+
+    def log(metrics, step):
+        logged.append((step, metrics))
+        if step == stop_at:
+            raise Stop
+
+    try:
+        info = train(cfg, path, pairs, out, log, 0, 7)
+    except Stop:
+        return None, logged
+    return info, logged
+
+
+@pytest.mark.parametrize("stop_at", [3, 6])
+def test_stopped_stage_resumes_to_the_uninterrupted_result(tiny_ckpt, tmp_path, stop_at):
+    path, pairs = tiny_ckpt  # 24 pairs, batch 4 -> 12 steps (2 epochs: 12 x 4 / 24)
+    cfg = make_cfg(batch_size=4, epochs=2.0, checkpoints=3, save_every_steps=2)
+    want, want_log = attempt(cfg, path, pairs, tmp_path / "clean")
+    out = tmp_path / "stopped"
+    assert attempt(cfg, path, pairs, out, stop_at=stop_at)[0] is None
+    state = torch.load(out / "resume" / STATE_FILE, weights_only=False)
+    # The last even step before the stop: a step is logged before its checkpoint is saved.
+    assert state["step"] == 2 * ((stop_at - 1) // 2)
+    got, got_log = attempt(cfg, path, pairs, out)
+    assert [s for s, _ in got_log] == list(range(state["step"] + 1, 13))
+    assert got_log == want_log[state["step"]:]  # the same values, to the bit
+    assert got == want
+    for ck in want["checkpoints"]:
+        a, b = load_file(tmp_path / "clean" / ck / "model.safetensors"), load_file(out / ck / "model.safetensors")
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), ck
+    assert not (out / "resume").exists()
+
+
+def test_half_written_state_and_checkpoints_are_not_loaded(tmp_path):
+    assert load_state(tmp_path) is None
+    (tmp_path / "resume").mkdir()
+    (tmp_path / "resume" / (STATE_FILE + ".tmp")).write_bytes(b"half")  # killed mid-write
+    assert load_state(tmp_path) is None
+    torch.save({"step": 4, "checkpoints": ["ckpt-2"]}, tmp_path / "resume" / STATE_FILE)
+    for name in ("ckpt-2", "ckpt-4"):  # ckpt-4 was being written when the stage was killed
+        (tmp_path / name).mkdir()
+    assert load_state(tmp_path)["step"] == 4
+    assert sorted(p.name for p in tmp_path.glob("ckpt-*")) == ["ckpt-2"]
+
+
+def test_saver_by_steps_and_by_time(monkeypatch):
+    saver = StepSaver(every_steps=2, every_min=None)
+    assert [s for s in range(1, 8) if saver.due(s, 7)] == [2, 4, 6]
+    assert not saver.due(6, 6)  # the last step: the stage's own outputs follow
+    clock = iter([0.0, 59.0, 61.0, 61.0, 100.0])
+    monkeypatch.setattr("irpo.training.resume.time.monotonic", lambda: next(clock))
+    saver = StepSaver(every_steps=None, every_min=1.0)  # reads the clock once (0.0)
+    assert not saver.due(1, 10) and saver.due(2, 10)  # 59 s, then 61 s since the start
+    saver.saved()  # at 61 s
+    assert not saver.due(3, 10)  # 39 s since the save
+
+
+def test_redone_steps_replace_their_record(tmp_path):
+    log = StepLog(tmp_path)
+    for step in range(1, 5):
+        log.append({"train/loss": float(step)}, step)
+    resumed = StepLog(tmp_path)  # the stage restarts after step 2
+    resumed.append({"train/loss": 30.0}, 3)
+    assert [(m.step, m.value) for m in step_records(tmp_path / "metrics.jsonl")] == [
+        (1, 1.0), (2, 2.0), (3, 30.0)]
+    assert [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
