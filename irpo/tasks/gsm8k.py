@@ -11,7 +11,8 @@ Built through the registry (``dataset=gsm8k``); inspect with ``python -m irpo.ta
 * Equality is exact on rationals (``fractions.Fraction`` built from the digits, never ``float`` or
   ``eval``): ``$1,080.00`` = ``1080``, ``\\frac{1}{2}`` = ``0.5`` = ``1/2``. Currency signs, units
   and words around the number are ignored; ``50%`` is the number 50 (GSM8K asks "what percent"
-  questions with the percentage as the answer). Number tokens longer than 64 characters are not
+  questions with the percentage as the answer); a decimal may lack its integer part
+  (``Final answer: .5``). Number tokens longer than 64 characters are not
   numbers (no 100,000-digit integer conversions on untrusted text).
 """
 
@@ -49,7 +50,9 @@ MAX_NUMBER_CHARS = 64
 _INT = r"(?:\d{1,3}(?:,\d{3})+(?!\d|,\d)|\d+)"
 _NUMBER_RE = re.compile(
     r"\\[dt]?frac\{\s*(?P<fneg>[-−]?)\s*(?P<fnum>\d+)\s*\}\{\s*(?P<fden>\d+)\s*\}"
-    rf"|(?<![\w.])(?P<neg>[-−]?)(?P<int>{_INT})(?:(?P<dec>\.\d+)|\s*/\s*(?P<den>\d+)(?![\d.]))?"
+    # "(?=\.\d)": a decimal with no integer part (".5") has an empty integer part
+    rf"|(?<![\w.])(?P<neg>[-−]?)(?P<int>{_INT}|(?=\.\d))"
+    rf"(?:(?P<dec>\.\d+)|(?<=\d)\s*/\s*(?P<den>\d+)(?![\d.]))?"
 )
 
 
@@ -60,7 +63,7 @@ def _value(m: re.Match) -> Fraction | None:
     if m.group("fnum") is not None:
         num, den, neg = int(m.group("fnum")), int(m.group("fden")), m.group("fneg")
     else:
-        digits = m.group("int").replace(",", "")
+        digits = m.group("int").replace(",", "") or "0"  # ".5" is 0.5
         if m.group("dec"):
             num, den = int(digits + m.group("dec")[1:]), 10 ** (len(m.group("dec")) - 1)
         else:
