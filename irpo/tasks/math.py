@@ -10,9 +10,18 @@ Built through the registry (``dataset=math``; ``dataset.name=math500`` evaluates
   a record without one (two train records end in an empty ``\\boxed{}``) is left out and
   listed in ``dropped``.
   Gold CoT: the solution, then "Final answer: $\\boxed{<gold>}$", the shape the prompt asks for.
-* Model answer: the last ``\\boxed{...}`` of the response (cut at a hallucinated next
-  "Question:"), else the first line after the last "Final answer". Answers over
-  ``MAX_ANSWER_CHARS`` are not answers.
+* Model answer (:func:`extract`; text work in :mod:`irpo.tasks.answer_text`), from the response
+  cut at a hallucinated next "Question:", first rule that applies:
+  1. a "Final answer" sentence after the last box (or with no box): the answer in its first line,
+     that line when it is all math, else its last math span or number ("The largest $n$ is 34."
+     is 34; "12,000,023. I hope it is correct." is 12,000,023);
+  2. the last ``\\boxed{...}``; when the gold lists several values (:func:`~irpo.tasks.answer_text.several_values`) and
+     the response ends in several boxes joined only by connectors (``\\boxed{(2,2)} and
+     \\boxed{(6,2)}``), those boxes together (:func:`extract_for`);
+  3. with neither box nor "Final answer": the last math span or number of the closing sentence
+     (the rule GSM8K and the peers use; ``I hope it is correct.`` and chat tokens dropped).
+  Percent words become ``\\%`` (``28 percent`` is ``28\\%``). Answers over ``MAX_ANSWER_CHARS``
+  are not answers.
 * Equality: identical strings are equal at once; otherwise math-verify (``parse`` with LaTeX
   extraction only, never its ``ExprExtractionConfig``, which runs ``sympy.parse_expr``, an
   ``eval``; then ``verify``), and where math-verify cannot parse one side, the MATH repository's
@@ -27,15 +36,9 @@ import re
 from functools import lru_cache
 from typing import Any
 
+from irpo.tasks.answer_text import locate, several_values, tidy
 from irpo.tasks.base import Example, register
-from irpo.tasks.common import (
-    DataError,
-    HubTask,
-    Source,
-    after_last_final_answer,
-    load_records,
-    render,
-)
+from irpo.tasks.common import DataError, HubTask, Source, load_records, render
 
 INSTRUCTION = (
     "Your task is to answer the question below. Give step by step reasoning before you answer, "
@@ -109,21 +112,31 @@ def _unwrap(answer: str) -> str:
     return answer.rstrip(".").strip()
 
 
-def extract(response: str) -> str | None:
-    response = response.split("\nQuestion:", 1)[0]
-    answer = last_boxed(response)
+def _clean(answer: str | None) -> str | None:
     if answer is None:
-        segment = after_last_final_answer(response)
-        if segment is None:
-            return None
-        lines = [ln for ln in segment.splitlines() if ln.strip()]
-        if not lines:
-            return None
-        answer = lines[0]
-    answer = _unwrap(answer)
+        return None
+    answer = tidy(_unwrap(answer))
     if not answer or len(answer) > MAX_ANSWER_CHARS:
         return None
     return answer
+
+
+def extract(response: str) -> str | None:
+    """The answer of a response (one box, sentence or expression; see the module docstring)."""
+    return _clean(locate(response.split("\nQuestion:", 1)[0])[0])
+
+
+def extract_for(response: str, gold: str) -> str | None:
+    """The answer checked against ``gold``: as :func:`extract`, except that several boxes in a
+    row (``\\boxed{(2,2)} and \\boxed{(6,2)}``) are read together when the gold lists several
+    values. For a one-value gold the last box alone counts, as a model that boxes candidates
+    ``\\boxed{3} or \\boxed{5}`` has not answered with a list."""
+    answer, run = locate(response.split("\nQuestion:", 1)[0])
+    if len(run) >= 2 and several_values(gold):
+        parts = [_clean(part) for part in run]
+        if all(parts):
+            return _clean(", ".join(parts))
+    return _clean(answer)
 
 
 # ------------------------------------------------- equivalence (runs in the worker)
@@ -334,7 +347,10 @@ class MathTask(HubTask):
             return None
 
     def is_correct(self, response: str, gold_answer: str) -> bool:
-        pred = self.extract_answer(response)
+        try:
+            pred = extract_for(response, gold_answer)
+        except Exception:  # noqa: BLE001  # untrusted text: never let a checker bug stop the loop
+            return False
         return pred is not None and is_equal(pred, gold_answer)
 
 
