@@ -140,6 +140,11 @@ def test_config_composes_with_hydra_schema():
     ("Final answer: **18**", "18", True),
     ("Final answer: \\boxed{18}", "18", True),
     ("The boxes hold 10-15 items. Final answer: 12", "12", True),
+    ("Final answer: .5", "0.5", True),                      # a decimal without its leading 0
+    ("Final answer: $.75 per cup", "3/4", True),
+    ("Final answer: -.25", "-0.25", True),
+    ("Final answer: .5", "5", False),
+    ("It costs $.50 in all.", "0.5", True),                 # no marker: last number
 ])
 def test_hard_cases(response, gold, expected):
     assert GSM8K.is_correct(gsm8k(), response, gold) is expected

@@ -95,6 +95,51 @@ def test_last_boxed(text, expected):
     assert last_boxed(text) == expected
 
 
+@pytest.mark.parametrize("response,gold,expected", [
+    # percent words are the gold's "\\%" (Math-Verify test_percent_notation)
+    ("\\boxed{28 percent}", "28\\%", True),
+    ("\\boxed{28 pct}", "28\\%", True),
+    ("$\\boxed{28 percentage}$", "28\\%", True),
+    ("\\boxed{$28$ %}", "28\\%", True),
+    ("Final answer: 28 percent", "28", True),
+    ("\\boxed{29 percent}", "28\\%", False),
+    # the answer inside a "Final answer" sentence, not the whole line
+    ("Final Answer: The largest $n$ is 34.", "34", True),
+    ("Final Answer: The final answer is 12,000,023. I hope it is correct.", "12000023", True),
+    ("Final Answer: Jane started growing Sphere 3 hours ago. I hope it is correct.", "3", True),
+    ("Final answer: the domain of $f(x)$ is $(0, 1)$.", "(0,1)", True),
+    ("Final answer: the domain of $f(x)$ is $(0, 1)$.", "[0,1)", False),
+    ("Final Answer: The largest $n$ is 35.", "34", False),
+    ("work \\boxed{200} more work\nFinal Answer: The final answer is $10,455$.", "10455", True),
+    # no box and no final-answer line: the closing sentence's last math expression counts
+    ("So, the ordered pair $(x, y)$ that solves the system is $(7, 6)$. <|im_start|>user", "(7,6)", True),
+    ("Therefore, there are 12 sequences. I hope it is correct. <|im_start|>user", "12", True),
+    ("Therefore $x \\geq 5$ is the solution.", "x \\ge 5", True),
+    ("I do not know.", "5", False),
+    ("We get 5, then the computation continues with", "5", True),  # cut off: read like GSM8K
+])
+def test_answer_sentences_and_percent_words(response, gold, expected):
+    assert math_task().is_correct(response, gold) is expected
+
+
+@pytest.mark.parametrize("response,gold,expected", [
+    # several boxes in a row answer a gold that lists several values (Math-Verify open_thoughts)
+    ("$$\\boxed{(2, 2)} \\quad \\text{and} \\quad \\boxed{(6, 2)}$$", "(2, 2), (6, 2)", True),
+    ("\\boxed{1},\\boxed{2},\\boxed{3}", "\\{1,2,3\\}", True),
+    ("\\boxed{1} and \\boxed{2} and \\boxed{3}", "1, 2, 3", True),
+    ("$\\boxed{k = 45} \\quad \\text{and} \\quad \\boxed{n = 2}$", "k = 45, n = 2", True),
+    ("$x = \\boxed{1}$ and $y = \\boxed{2}$", "x = 1, y = 2", True),
+    ("\\boxed{1} and \\boxed{2}", "1, 2, 3", False),
+    ("\\boxed{(2, 2)} for part (a) and \\boxed{(6, 2)}", "(2, 2), (6, 2)", False),  # two parts
+    # a one-value gold: the last box alone, whatever came before
+    ("\\boxed{3} or \\boxed{5}", "5", True),
+    ("\\boxed{5} or \\boxed{3}", "5", False),
+    ("\\boxed{1}, \\boxed{000}", "1,000", False),
+])
+def test_several_boxes(response, gold, expected):
+    assert math_task().is_correct(response, gold) is expected
+
+
 def test_extract_falls_back_to_final_answer_and_cuts_a_hallucinated_next_question():
     assert extract("work...\nFinal answer: $\\frac{3}{4}$.") == "\\frac{3}{4}"
     assert extract("\\boxed{3}\nQuestion: next one\nSolution: \\boxed{9}") == "3"
