@@ -159,6 +159,10 @@ class TrainerConfig:
     schedule: str = "linear"  # linear | cosine | constant
     max_grad_norm: float = 1.0
     checkpoints: int = 1  # checkpoints per iteration; >1 -> keep best on validation
+    # Step checkpoints a killed or pre-empted train stage resumes from (both trainers;
+    # irpo/training/resume.py): every N steps and/or every M minutes of training; None: never.
+    save_every_steps: int | None = None
+    save_every_min: float | None = 30.0
     log_every: int = 1
     # Keep only each decoder layer's input in the forward and recompute the rest in the
     # backward (one extra forward): a 70B model's activations then fit (docs/cluster.md).
@@ -175,10 +179,6 @@ class TorchTrainerConfig(TrainerConfig):
     """One process (irpo/training/torch_trainer.py)."""
 
     device: str = "auto"  # auto: the GPU if there is one, else the CPU; or cpu, cuda, cuda:1
-    # Step checkpoints a killed or pre-empted train stage resumes from (trainer=torch;
-    # irpo/training/resume.py): every N steps and/or every M minutes of training; None: never.
-    save_every_steps: int | None = None
-    save_every_min: float | None = 30.0
 
 
 @dataclass

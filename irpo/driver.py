@@ -184,7 +184,8 @@ def stage_train(ctx: Context, t: int, init: Path, out: Path) -> dict:
 
     def log_step(metrics: dict[str, float], step: int) -> None:
         ctx.tracker.publish(steps.append(metrics, step))
-        if os.environ.get(KILL_AT_STEP_ENV) == str(step):  # fault tests
+        # Fault tests (trainer=deepspeed: a worker rank dies instead, irpo.training.deepspeed_trainer).
+        if os.environ.get(KILL_AT_STEP_ENV) == str(step) and cfg.trainer.name == "torch":
             ctx.tracker.flush(timeout=30)
             os.kill(os.getpid(), signal.SIGKILL)
 
@@ -253,7 +254,7 @@ def iterate(ctx: Context, m0: Path) -> None:
         # M(t-1) is not sampled from again, and a GPU engine must not hold memory while training.
         ctx.close_sampler()
         _stage(ctx, t, "train", lambda out: stage_train(ctx, t, model, out),
-               resumable=cfg.trainer.name == "torch")  # step checkpoints: irpo.training.resume
+               resumable=True)  # from its step checkpoints (irpo.training.resume)
         model = ctx.run.stage_dir(t, "train") / "model"
         evaluate_all(ctx, t, model)
 

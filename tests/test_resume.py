@@ -92,3 +92,38 @@ def test_redone_steps_replace_their_record(tmp_path):
     assert [(m.step, m.value) for m in step_records(tmp_path / "metrics.jsonl")] == [
         (1, 1.0), (2, 2.0), (3, 30.0)]
     assert [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+
+
+class Requeued(Exception):
+    """What submitit's SIGUSR2 handler does in effect: re-queue the job and leave."""
+
+
+def test_signal_saves_after_the_step_then_hands_over(tiny_ckpt, tmp_path):
+    """SLURM's warning signal at step 3 of 12 (no periodic checkpoints at all): the step
+    finishes, a step checkpoint is saved, the previous handler runs; the rerun goes on
+    at step 4 and ends as an uninterrupted stage does."""
+    import os
+    import signal
+
+    path, pairs = tiny_ckpt
+    cfg = make_cfg(batch_size=4, epochs=2.0, save_every_min=None)
+    want, want_log = attempt(cfg, path, pairs, tmp_path / "clean")
+
+    def requeue(signum, frame):
+        raise Requeued
+
+    previous = signal.signal(signal.SIGUSR2, requeue)
+    try:
+        def log(metrics, step):
+            if step == 3:
+                os.kill(os.getpid(), signal.SIGUSR2)
+
+        with pytest.raises(Requeued):
+            train(cfg, path, pairs, tmp_path / "stopped", log, 0, 7)
+        assert signal.getsignal(signal.SIGUSR2) is requeue  # handed back
+    finally:
+        signal.signal(signal.SIGUSR2, previous)
+    state = torch.load(tmp_path / "stopped/resume" / STATE_FILE, weights_only=False)
+    assert state["step"] == 3
+    got, got_log = attempt(cfg, path, pairs, tmp_path / "stopped")
+    assert got_log == want_log[3:] and got == want

@@ -145,6 +145,34 @@ def torch_run(tiny_ckpt, tmp_path_factory):  # noqa: F811
 
 
 @pytest.mark.slow
+def test_killed_zero3_stage_resumes_from_its_sharded_step_checkpoint(tiny_ckpt, torch_run, tmp_path,  # noqa: F811
+                                                                     monkeypatch):
+    """Rank 0 dies after step 3 (global 103); DeepSpeed's own checkpoint of step 2 (every rank's
+    ZeRO-3 partition) is loaded by the rerun, whose steps 3-6 follow the uninterrupted curve."""
+    path, pairs = tiny_ckpt
+    ref_info, ref_logged, ref_out = torch_run
+    tcfg = ds_trainer(zero_stage=3, num_processes=2, save_every_steps=2, **TRAIN)
+    cfg = dataclasses.replace(make_cfg(), trainer=tcfg, cache_dir=str(TEST_CACHE))
+    monkeypatch.setenv("IRPO_KILL_AT_TRAIN_STEP", "103")
+    with pytest.raises(RuntimeError, match="the workers failed"):
+        run(deepspeed_trainer.train, cfg, path, pairs, tmp_path)
+    assert (tmp_path / "resume/committed").read_text() == "step2"
+    assert [p.name for p in (tmp_path / "resume").glob("step*")] == ["step2"]  # older ones pruned
+    monkeypatch.delenv("IRPO_KILL_AT_TRAIN_STEP")
+    info, logged = run(deepspeed_trainer.train, cfg, path, pairs, tmp_path)
+    assert [s for s, _ in logged] == list(range(103, 107))
+    for (_, got), (_, want) in zip(logged, ref_logged[2:]):
+        assert abs(got["train/loss"] - want["train/loss"]) < 1e-5
+    assert info["checkpoints"] == ["ckpt-3", "ckpt-6"] and not (tmp_path / "resume").exists()
+    for key in ("loss_end", "chosen_delta_end", "rejected_delta_end"):
+        assert info[key] == pytest.approx(ref_info[key], abs=1e-4), key
+    model, _ = load_model(tmp_path / "ckpt-6")
+    ref_model, _ = load_model(ref_out / "ckpt-6")
+    for (name, w), (_, ref_w) in zip(model.state_dict().items(), ref_model.state_dict().items()):
+        torch.testing.assert_close(w, ref_w, rtol=0, atol=1e-5, msg=name)
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", [3, 2])
 def test_same_loss_curve_as_torch_and_checkpoint_samples(stage, tiny_ckpt, torch_run, tmp_path):  # noqa: F811
     """ZeRO-2 also takes half the reference log-probs as if from the sampler (equal to the

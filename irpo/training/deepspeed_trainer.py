@@ -49,6 +49,7 @@ import json
 import logging
 import os
 import pickle
+import signal
 import subprocess
 import sys
 import time
@@ -57,7 +58,9 @@ from pathlib import Path
 import torch
 
 from irpo.launch import Allocation, stage_command
+from irpo.rundir import KILL_AT_STEP_ENV
 from irpo.training.reference import stage_reference
+from irpo.training.resume import StepSaver, discard, ds_due, ds_load_state, ds_save_state
 from irpo.training.torch_trainer import (
     MetricsFn,
     accumulate_metrics,
@@ -129,9 +132,11 @@ def train(cfg, init_path: Path, examples: list[dict], out_dir: Path,
     work = out_dir / WORK_DIR
     work.mkdir(parents=True, exist_ok=True)
     request = {"cfg": cfg, "init_path": str(Path(init_path).resolve()), "examples": examples,
-               "out_dir": str(out_dir), "seed": seed}
+               "out_dir": str(out_dir), "seed": seed, "step_offset": step_offset}
     with open(work / "request.pkl", "wb") as f:
         pickle.dump(request, f)
+    # A resumed stage's workers start a new metrics file; the driver must not read the old one.
+    (work / "metrics.jsonl").unlink(missing_ok=True)
     env = dict(os.environ)
     env.setdefault("TORCH_EXTENSIONS_DIR", str(Path(cfg.cache_dir).resolve() / "torch_extensions"))
     cmd = launch_command(tcfg, work, alloc)
@@ -283,26 +288,32 @@ def worker(work: Path) -> None:
         (work / "metrics.jsonl").write_text("")
     toks, truncated = tokenize_for(engine.module, tokenizer, req["examples"])
     share = ds_config["train_micro_batch_size_per_gpu"] * tcfg.grad_accum  # a rank's part of a step
-    refs_all, ref_info = None, {}
-    if cfg.method.dpo:  # in batches of that share (the torch trainer: of a step's batch)
+    resumed = ds_load_state(engine, Path(req["out_dir"]))  # irpo.training.resume
+    refs_all, ref_info = (resumed["refs"], resumed["ref_info"]) if resumed else (None, {})
+    if cfg.method.dpo and resumed is None:  # in batches of that share (torch: of a step's batch)
         refs_all, ref_info = stage_reference(
             toks, lambda part: sharded_reference_logprobs(engine.module, part, tokenizer.pad_token_id,
                                                           share, device),
             tcfg, example_ids(req["examples"]), req["seed"])
-        refs_all = tuple(r.to(device) for r in refs_all)
+    refs_all = tuple(r.to(device) for r in refs_all) if refs_all is not None else None
     engine.train()
-    history, checkpoints = _train_steps(engine, scheduler, tokenizer, toks, refs_all, req, steps,
-                                        ds_config, work)
+    history, checkpoints = _train_steps(engine, scheduler, tokenizer, toks, (refs_all, ref_info),
+                                        req, steps, ds_config, work, resumed)
     if rank == 0:
+        discard(Path(req["out_dir"]))
         summary = stage_summary(steps, len(toks), truncated, checkpoints, history, ref_info)
         (work / "summary.json").write_text(json.dumps({**summary, "world_size": world}))
     dist.barrier()
     dist.destroy_process_group()
 
 
-def _train_steps(engine, scheduler, tokenizer, toks, refs_all, req, steps: int, ds_config: dict,
-                 work: Path) -> tuple[list[dict[str, float]], list[Path]]:
-    """The torch trainer's steps, each rank on its share of every batch; (metrics, checkpoints)."""
+def _train_steps(engine, scheduler, tokenizer, toks, refs, req, steps: int, ds_config: dict,
+                 work: Path, resumed: dict | None) -> tuple[list[dict[str, float]], list[Path]]:
+    """The torch trainer's steps, each rank on its share of every batch; (metrics, checkpoints).
+
+    ``refs``: (reference log-probs, their summary); ``resumed``: the client state of the
+    step checkpoint this attempt goes on from (irpo.training.resume), or None.
+    """
     import torch.distributed as dist
     from tqdm.auto import tqdm
 
@@ -310,9 +321,16 @@ def _train_steps(engine, scheduler, tokenizer, toks, refs_all, req, steps: int, 
     rank, micro = dist.get_rank(), ds_config["train_micro_batch_size_per_gpu"]
     share = micro * tcfg.grad_accum
     save_at = checkpoint_steps(steps, tcfg.checkpoints)
-    history, checkpoints = [], []
+    (refs_all, ref_info), out_dir = refs, Path(req["out_dir"])
+    history, checkpoints, done = [], [], 0
+    if resumed is not None:
+        history, done = resumed["history"], resumed["step"]
+        checkpoints = [out_dir / name for name in resumed["checkpoints"]]
+    saver = StepSaver(tcfg.save_every_steps, tcfg.save_every_min)
+    kill_at = os.environ.get(KILL_AT_STEP_ENV)  # fault tests: a rank dies after this global step
     batches = batch_order(len(toks), steps, tcfg.batch_size, req["seed"])
-    for step, idx in enumerate(tqdm(batches, desc="training", unit="step", disable=rank != 0), 1):
+    bar = tqdm(batches[done:], initial=done, total=steps, desc="training", unit="step", disable=rank != 0)
+    for step, idx in enumerate(bar, done + 1):
         sums: dict[str, float] = {}
         for start in range(rank * share, (rank + 1) * share, micro):
             part = idx[start : start + micro]
@@ -329,9 +347,17 @@ def _train_steps(engine, scheduler, tokenizer, toks, refs_all, req, steps: int, 
         if rank == 0 and should_log(step, steps, tcfg):
             with open(work / "metrics.jsonl", "a") as f:  # the driver logs it from there
                 f.write(json.dumps({"step": step, "metrics": metrics}) + "\n")
+        if rank == 0 and kill_at == str(req["step_offset"] + step):
+            os.kill(os.getpid(), signal.SIGKILL)
         if step in save_at:
-            checkpoints.append(Path(req["out_dir"]) / f"ckpt-{step}")
+            checkpoints.append(out_dir / f"ckpt-{step}")
             _save(engine, tokenizer, checkpoints[-1], tcfg.zero_stage)
+        if ds_due(saver, step, steps, device):
+            ds_save_state(engine, out_dir, step, {
+                "step": step, "history": history, "checkpoints": [p.name for p in checkpoints],
+                "refs": tuple(r.cpu() for r in refs_all) if refs_all is not None else None,
+                "ref_info": ref_info})
+            saver.saved()
     return history, checkpoints
 
 

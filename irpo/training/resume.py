@@ -18,6 +18,8 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import signal
+import threading
 import time
 from pathlib import Path
 
@@ -27,6 +29,52 @@ log = logging.getLogger(__name__)
 
 RESUME_DIR = "resume"
 STATE_FILE = "state.pt"
+
+
+class StopOnSignal:
+    """SIGTERM, SIGUSR2 (SLURM's warning before a time limit, submitit's requeue) and SIGINT
+    while training: finish the step, save a step checkpoint, then act on the signal as
+    before (submitit re-queues the job; SIGTERM ends the process; SIGINT raises
+    KeyboardInterrupt). A second signal acts at once (Ctrl-C twice stops at once).
+
+    Installed only in the main thread (Python delivers signals there); elsewhere inert.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR2, signal.SIGINT)
+
+    def __init__(self):
+        self.received: int | None = None
+        self._previous: dict[int, object] = {}
+
+    def __enter__(self) -> StopOnSignal:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+
+    def _handle(self, signum: int, frame) -> None:
+        if self.received is not None:
+            self.act(signum)  # the second one: no waiting for the step to end
+            return
+        self.received = signum
+        log.warning("%s: saving a step checkpoint at the end of this step, then stopping",
+                    signal.Signals(signum).name)
+
+    def act(self, signum: int | None = None) -> None:
+        """Hand the signal to whatever handled it before (called once the state is saved)."""
+        signum = signum or self.received
+        previous = self._previous.get(signum, signal.SIG_DFL)
+        self.__exit__()
+        if callable(previous):
+            previous(signum, None)  # submitit: requeue and exit; SIGINT: KeyboardInterrupt
+        elif previous == signal.SIG_DFL:
+            os.kill(os.getpid(), signum)
+        if previous == signal.SIG_IGN:
+            self.received = None
 
 
 class StepSaver:
@@ -96,3 +144,55 @@ def restore(state: dict, model, optimizer, scheduler) -> None:
 def discard(out_dir: Path) -> None:
     """The stage is complete: its resume state is no longer needed."""
     shutil.rmtree(Path(out_dir) / RESUME_DIR, ignore_errors=True)
+
+
+# ------------------------------------------------------------------ trainer=deepspeed
+# DeepSpeed's own sharded checkpoints (every rank writes its ZeRO partition). DeepSpeed
+# writes its ``latest`` file before the other ranks' partitions are known to be complete,
+# so a tag counts only once ``committed`` names it, written by rank 0 after the barrier
+# that ends save_checkpoint; older tags are then removed.
+COMMITTED = "committed"
+
+
+def ds_due(saver: StepSaver, step: int, steps: int, device) -> bool:
+    """Rank 0's decision, shared: a time-based one must not differ between ranks."""
+    import torch.distributed as dist
+
+    flag = torch.tensor([1.0 if saver.due(step, steps) else 0.0], device=device)
+    dist.broadcast(flag, src=0)
+    return bool(flag.item())
+
+
+def ds_save_state(engine, out_dir: Path, step: int, client_state: dict) -> None:
+    import torch.distributed as dist
+
+    folder = Path(out_dir) / RESUME_DIR
+    tag = f"step{step}"
+    engine.save_checkpoint(str(folder), tag=tag, client_state=client_state, save_latest=False)
+    if dist.get_rank() == 0:
+        tmp = folder / (COMMITTED + ".tmp")
+        tmp.write_text(tag)
+        os.replace(tmp, folder / COMMITTED)
+        for old in folder.glob("step*"):
+            if old.name != tag:
+                shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()
+
+
+def ds_load_state(engine, out_dir: Path) -> dict | None:
+    """The client state of the last committed DeepSpeed checkpoint, loaded into ``engine``."""
+    import torch.distributed as dist
+
+    folder = Path(out_dir) / RESUME_DIR
+    marker = folder / COMMITTED
+    if not marker.exists():
+        return None
+    tag = marker.read_text().strip()
+    _, state = engine.load_checkpoint(str(folder), tag=tag)
+    if dist.get_rank() == 0:
+        for ck in Path(out_dir).glob("ckpt-*"):
+            if ck.name not in state["checkpoints"]:
+                shutil.rmtree(ck)
+    dist.barrier()
+    log.info("resuming training after step %d (%s)", state["step"], folder / tag)
+    return state

@@ -28,7 +28,7 @@ from irpo.modeling import context_length, load_model, resolve_device
 from irpo.training.data import pair_batch, tokenize_examples
 from irpo.training.logprobs import batch_logprobs, reference_logprobs
 from irpo.training.reference import stage_reference
-from irpo.training.resume import StepSaver, discard, load_state, restore, save_state
+from irpo.training.resume import StepSaver, StopOnSignal, discard, load_state, restore, save_state
 from irpo.training.shared_prefix import pair_logprobs
 
 log = logging.getLogger(__name__)
@@ -164,7 +164,6 @@ def train(cfg, init_path: Path, examples: list[dict], out_dir: Path,
     save_at = checkpoint_steps(steps, tcfg.checkpoints)
     optimizer = make_optimizer(model, tcfg)
     scheduler = make_scheduler(optimizer, tcfg, steps)
-    micro_size = tcfg.batch_size // tcfg.grad_accum
     history: list[dict[str, float]] = []
     checkpoints: list[Path] = []
     done = 0
@@ -175,33 +174,45 @@ def train(cfg, init_path: Path, examples: list[dict], out_dir: Path,
     saver = StepSaver(tcfg.save_every_steps, tcfg.save_every_min)
     batches = batch_order(len(toks), steps, tcfg.batch_size, seed)
     bar = tqdm(batches[done:], initial=done, total=steps, desc="training", unit="step")
-    for step, idx in enumerate(bar, done + 1):
-        parts = [idx[i : i + micro_size] for i in range(0, len(idx), micro_size)]
-        sums: dict[str, float] = {}
-        for part in parts:
-            refs = (refs_all[0][part], refs_all[1][part]) if refs_all else None
-            out, logps, b = micro_loss(model, [toks[i] for i in part], refs, cfg, pad_id,
-                                       device=device, share_prompt=True)
-            (out.loss * (len(part) / len(idx))).backward()
-            accumulate_metrics(sums, out, logps, b, refs, len(part) / len(idx))
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        metrics = {**sums, "train/grad_norm": float(grad_norm), "train/lr": scheduler.get_last_lr()[0]}
-        history.append(metrics)
-        bar.set_postfix(loss=f"{metrics['train/loss']:.4f}")
-        if should_log(step, steps, tcfg):
-            log_metrics(metrics, step_offset + step)
-        if step in save_at:
-            checkpoints.append(out_dir / f"ckpt-{step}")
-            save_checkpoint(model, tokenizer, checkpoints[-1])
-        if saver.due(step, steps):
-            save_state(out_dir, step, model, optimizer, scheduler, history, checkpoints,
-                       refs_all, ref_info)
-            saver.saved()
+    with StopOnSignal() as stop:
+        for step, idx in enumerate(bar, done + 1):
+            _step(model, optimizer, scheduler, toks, refs_all, idx, cfg, pad_id, device,
+                  history, bar)
+            if should_log(step, steps, tcfg):
+                log_metrics(history[-1], step_offset + step)
+            if step in save_at:
+                checkpoints.append(out_dir / f"ckpt-{step}")
+                save_checkpoint(model, tokenizer, checkpoints[-1])
+            if saver.due(step, steps) or stop.received:
+                save_state(out_dir, step, model, optimizer, scheduler, history, checkpoints,
+                           refs_all, ref_info)
+                saver.saved()
+            if stop.received:
+                stop.act()
     discard(out_dir)
     return stage_summary(steps, len(toks), truncated, checkpoints, history, ref_info)
+
+
+def _step(model, optimizer, scheduler, toks, refs_all, idx, cfg, pad_id, device,
+          history: list[dict], bar) -> None:
+    """One optimiser step on the batch ``idx``; its metrics are appended to ``history``."""
+    tcfg = cfg.trainer
+    micro_size = tcfg.batch_size // tcfg.grad_accum
+    parts = [idx[i : i + micro_size] for i in range(0, len(idx), micro_size)]
+    sums: dict[str, float] = {}
+    for part in parts:
+        refs = (refs_all[0][part], refs_all[1][part]) if refs_all else None
+        out, logps, b = micro_loss(model, [toks[i] for i in part], refs, cfg, pad_id,
+                                   device=device, share_prompt=True)
+        (out.loss * (len(part) / len(idx))).backward()
+        accumulate_metrics(sums, out, logps, b, refs, len(part) / len(idx))
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.max_grad_norm)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    metrics = {**sums, "train/grad_norm": float(grad_norm), "train/lr": scheduler.get_last_lr()[0]}
+    history.append(metrics)
+    bar.set_postfix(loss=f"{metrics['train/loss']:.4f}")
 
 
 def example_ids(examples: list[dict]) -> list[str]:
