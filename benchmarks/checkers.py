@@ -156,7 +156,8 @@ def arc_response(ex, rng) -> str:
 
 def run(data_dir: str, pairs: int, seed: int) -> dict:
     os.environ["IRPO_DATA_DIR"] = data_dir
-    out: dict = {"data_dir": data_dir, "pairs": pairs, "seed": seed, "cpus": os.cpu_count()}
+    out: dict = {"data_dir": data_dir, "pairs": pairs, "seed": seed, "cpus": os.cpu_count(),
+                 "loadavg_start": os.getloadavg()}  # other jobs on the machine slow the checks
     timers = {name: Timer() for name in ("gsm8k", "math", "arc_challenge")}
 
     def build(name, **over):
@@ -223,11 +224,14 @@ def run(data_dir: str, pairs: int, seed: int) -> dict:
         out[name]["slowest_check"] = timers[name].slowest
         out[name]["adversarial_max_check_s"] = adv.max_s
     out["pwned_marker_created"] = Path("/tmp/pwned").exists()
+    out["loadavg_end"] = os.getloadavg()
     return out
 
 
 def markdown(r: dict) -> str:
-    lines = [f"# Answer checkers on the real data (seed {r['seed']}, {r['cpus']} CPUs)", "",
+    load = "/".join(f"{x:.1f}" for x in r.get("loadavg_start", ())) or "not recorded"
+    lines = [f"# Answer checkers on the real data (seed {r['seed']}, {r['cpus']} CPUs, load average "
+             f"{load} at the start)", "",
              "Produced by `python benchmarks/checkers.py`; numbers in `checkers.json`.", "",
              "| task | check | n | passed | rate |", "|---|---|---|---|---|"]
     for task in ("gsm8k", "math", "arc_challenge"):
