@@ -125,7 +125,7 @@ def math_verify_cases(source: str, file: str) -> list[dict]:
 
 
 _DELIMS = re.compile(r"\$\$|(?<!\\)\$|\\\(|\\\)|\\\[|\\\]")
-_ONE_SPAN = re.compile(r"\s*(\$\$|\$|\\\(|\\\[)(.*?)(\$\$|\$|\\\)|\\\])\s*", re.S)
+_ONE_SPAN = re.compile(r"\s*(\$\$|\$|\\\(|\\\[)(.*?)(\$\$|\$|\\\)|\\\])\s*", re.DOTALL)
 _CLOSE = {"$$": "$$", "$": "$", "\\(": "\\)", "\\[": "\\]"}
 
 
@@ -135,7 +135,7 @@ _PERCENT_WORDS = {"percent", "percentage", "pct"}
 
 def _outside_math(text: str) -> str:
     """``text`` without its ``$...$``, ``\\(...\\)``, ``\\[...\\]`` spans and ``\\text{...}``."""
-    text = re.sub(r"\$\$.*?\$\$|(?<!\\)\$.*?(?<!\\)\$|\\\(.*?\\\)|\\\[.*?\\\]", " ", text, flags=re.S)
+    text = re.sub(r"\$\$.*?\$\$|(?<!\\)\$.*?(?<!\\)\$|\\\(.*?\\\)|\\\[.*?\\\]", " ", text, flags=re.DOTALL)
     return re.sub(r"\\(?:text|mbox|textbf|mathrm)\{[^{}]*\}", " ", text)
 
 
@@ -253,8 +253,7 @@ def write(name: str, pin: dict, cases: list[dict]) -> None:
               "_files": pin["files"], "_extracted_by": "benchmarks/extract_peer_cases.py"}
     with open(OUT / f"{name}.jsonl", "w", encoding="utf-8") as fh:
         fh.write(json.dumps(header) + "\n")
-        for case in cases:
-            fh.write(json.dumps(case, ensure_ascii=False) + "\n")
+        fh.writelines(json.dumps(case, ensure_ascii=False) + "\n" for case in cases)
     print(f"{OUT / name}.jsonl: {len(cases)} cases")
 
 
