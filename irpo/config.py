@@ -113,6 +113,9 @@ class SamplerConfig:
     name: str = MISSING
     batch_size: int = 64  # prompts per generate call (each expanded to N samples)
     top_p: float = 1.0
+    # Prompts per committed chunk of a sample or eval stage: a killed stage loses at most
+    # one chunk (irpo/chunks.py). With sampler.nodes > 1 every chunk starts the engines anew.
+    chunk_size: int = 1024
 
 
 @dataclass
@@ -347,6 +350,7 @@ def validate(cfg: Config) -> None:
             f"trainer.grad_accum={cfg.trainer.grad_accum}",
         ),
         (cfg.trainer.checkpoints >= 1, f"trainer.checkpoints={cfg.trainer.checkpoints} must be >= 1"),
+        (cfg.sampler.chunk_size >= 1, f"sampler.chunk_size={cfg.sampler.chunk_size} must be >= 1"),
         (cfg.trainer.ref_check_pairs >= 0,
          f"trainer.ref_check_pairs={cfg.trainer.ref_check_pairs} must be >= 0 (0 disables the check)"),
         (cfg.trainer.ref_check_tolerance > 0,

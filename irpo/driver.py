@@ -22,6 +22,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from irpo.builtin_model import ensure_builtin_model
+from irpo.chunks import discard_chunks, run_chunks
 from irpo.config import Config, ConfigError, temperature_at
 from irpo.evaluate import evaluate
 from irpo.modeling import resolve_device
@@ -82,47 +83,62 @@ def initial_model(cfg: Config) -> Path:
 
 
 def stage_sample(ctx: Context, t: int, model: Path, out: Path) -> dict:
+    """N samples per training prompt, in committed chunks (irpo.chunks) a rerun reuses."""
     cfg = ctx.cfg
     n = cfg.samples_per_prompt * cfg.method.data_multiplier
     temp = temperature_at(cfg, t)
     examples = ctx.splits["train"]
-    gens = ctx.sampler(model).generate([e.prompt for e in examples], n, temp,
-                                       cfg.dataset.max_new_tokens, cfg.seed * 1000 + t,
-                                       desc=f"iter {t} sampling")
-    records = [{"id": e.id, "prompt": e.prompt, "gold_answer": e.gold_answer, "gold_cot": e.gold_cot,
-                "samples": [{"text": g.text, "num_tokens": g.num_tokens, "finished": g.finished,
-                             **({"logprob": g.logprob} if g.logprob is not None else {})}
-                            for g in gs]} for e, gs in zip(examples, gens)]
-    scored = score_gold(ctx, t, model, records)
+    scoring_s = 0.0
+
+    def one_chunk(first: int, part: list[Example]) -> list[dict]:
+        nonlocal scoring_s
+        gens = ctx.sampler(model).generate(
+            [e.prompt for e in part], n, temp, cfg.dataset.max_new_tokens, cfg.seed * 1000 + t,
+            desc=f"iter {t} sampling {first}-{first + len(part)}/{len(examples)}", first_index=first)
+        records = [{"id": e.id, "prompt": e.prompt, "gold_answer": e.gold_answer,
+                    "gold_cot": e.gold_cot,
+                    "samples": [{"text": g.text, "num_tokens": g.num_tokens, "finished": g.finished,
+                                 **({"logprob": g.logprob} if g.logprob is not None else {})}
+                                for g in gs]} for e, gs in zip(part, gens)]
+        if scores_gold(cfg):
+            scoring_s += score_gold(ctx, t, model, records)
+        return records
+
+    records = run_chunks(out, examples, cfg.sampler.chunk_size, one_chunk, f"iter{t}/sample")
+    discard_chunks(out)
     write_jsonl(out / "samples.jsonl", records)
     tokens = sum(s["num_tokens"] for r in records for s in r["samples"])
     unfinished = sum(not s["finished"] for r in records for s in r["samples"])
+    scored = ({"gold_scored": sum("gold_logprob" in r for r in records),
+               "gold_scoring_s": round(scoring_s, 2)} if scores_gold(cfg) else {})
     return {"prompts": len(records), "samples": len(records) * n, "temperature": temp,
             "tokens_sampled": tokens, "unfinished": unfinished, **scored}
 
 
-def score_gold(ctx: Context, t: int, model: Path, records: list[dict]) -> dict:
-    """Adds ``gold_logprob`` to ``records`` where the sampler can score the gold CoTs.
+def scores_gold(cfg: Config) -> bool:
+    """Whether the sample stage scores the gold CoTs (see :func:`score_gold`)."""
+    # return_logprobs is a field of sampler=vllm only, whose sampler has score().
+    return bool(cfg.method.dpo and cfg.dataset.add_gold_to_winners and cfg.trainer.sampler_ref_logprobs
+                and getattr(cfg.sampler, "return_logprobs", False)
+                and getattr(cfg.sampler, "nodes", 1) == 1)
+
+
+def score_gold(ctx: Context, t: int, model: Path, records: list[dict]) -> float:
+    """Adds ``gold_logprob`` to ``records``; returns the seconds it took.
 
     With gold CoTs among the DPO winners and the sampler's log-probs as the reference
     (``sampler=vllm``, ``return_logprobs``, one engine), the engine scores each gold CoT
     with one prefill, so the trainer needs no reference forward at all (irpo.pairs carries
     the value, irpo.training.reference checks a sample of them).
     """
-    cfg = ctx.cfg
-    # return_logprobs is a field of sampler=vllm only, whose sampler has score().
-    if not (cfg.method.dpo and cfg.dataset.add_gold_to_winners and cfg.trainer.sampler_ref_logprobs
-            and getattr(cfg.sampler, "return_logprobs", False) and getattr(cfg.sampler, "nodes", 1) == 1):
-        return {}
     with_gold = [r for r in records if r.get("gold_cot")]
     start = time.perf_counter()
     values = ctx.sampler(model).score([r["prompt"] for r in with_gold], [r["gold_cot"] for r in with_gold],
-                           desc=f"iter {t} scoring gold CoTs")
+                                      desc=f"iter {t} scoring gold CoTs")
     for r, v in zip(with_gold, values):
         if v is not None:
             r["gold_logprob"] = v
-    return {"gold_scored": sum(v is not None for v in values),
-            "gold_scoring_s": round(time.perf_counter() - start, 2)}
+    return time.perf_counter() - start
 
 
 def stage_label(ctx: Context, t: int, out: Path) -> dict:
@@ -212,7 +228,8 @@ def stage_eval(ctx: Context, t: int, model: Path, out: Path) -> dict:
     metrics = evaluate(ctx.task, ctx.sampler(model), ctx.splits["test"],
                        max_new_tokens=cfg.dataset.max_new_tokens, maj_k=cfg.eval.maj_k,
                        maj_temperature=cfg.eval.maj_temperature, seed=cfg.seed, prefix="test",
-                       out_file=out / "predictions.jsonl")
+                       out_file=out / "predictions.jsonl",
+                       chunks=(out, cfg.sampler.chunk_size, f"iter{t}/eval"))
     return metrics
 
 
@@ -237,7 +254,7 @@ def _stage(ctx: Context, t: int, name: str, fn, resumable: bool = False) -> dict
 
 
 def evaluate_all(ctx: Context, t: int, model: Path) -> None:
-    _stage(ctx, t, "eval", lambda out: stage_eval(ctx, t, model, out))
+    _stage(ctx, t, "eval", lambda out: stage_eval(ctx, t, model, out), resumable=True)
     if ctx.cfg.heldout:
         _stage(ctx, t, "heldout", lambda out: stage_heldout(ctx, t, model, out))
 
@@ -248,7 +265,7 @@ def iterate(ctx: Context, m0: Path) -> None:
     model = m0
     for t in range(1, cfg.iterations + 1):
         if cfg.method.data != "gold" and cfg.pool_from is None:
-            _stage(ctx, t, "sample", lambda out: stage_sample(ctx, t, model, out))
+            _stage(ctx, t, "sample", lambda out: stage_sample(ctx, t, model, out), resumable=True)
             _stage(ctx, t, "label", lambda out: stage_label(ctx, t, out))
         _stage(ctx, t, "data", lambda out: stage_data(ctx, t, out))
         # M(t-1) is not sampled from again, and a GPU engine must not hold memory while training.

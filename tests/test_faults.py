@@ -29,10 +29,12 @@ pytestmark = pytest.mark.slow
 SMOKE = ["experiment=smoke"]
 TINY = SMOKE + ["dataset.train_size=16", "dataset.test_size=8"]
 # A step checkpoint every 2 steps: the kill at step 3 resumes training after step 2.
-STEP_CKPT = SMOKE + ["trainer.save_every_steps=2"]
+# Chunks of 16 prompts: 3 of the 48 training prompts, 2 of the 32 test prompts.
+STEP_CKPT = SMOKE + ["trainer.save_every_steps=2", "sampler.chunk_size=16"]
 RUN_NAME = "rpo β=0.1 α=4 seed=0"
 # Kill points in order: after each stage's DONE, and once in the middle of training.
-KILLS = [("IRPO_KILL_AFTER_STAGE", "iter0/eval"), ("IRPO_KILL_AFTER_STAGE", "iter1/sample"),
+KILLS = [("IRPO_KILL_AFTER_CHUNK", "iter0/eval:0"), ("IRPO_KILL_AFTER_STAGE", "iter0/eval"),
+         ("IRPO_KILL_AFTER_CHUNK", "iter1/sample:1"), ("IRPO_KILL_AFTER_STAGE", "iter1/sample"),
          ("IRPO_KILL_AFTER_STAGE", "iter1/label"), ("IRPO_KILL_AFTER_STAGE", "iter1/data"),
          ("IRPO_KILL_AT_TRAIN_STEP", "3"), ("IRPO_KILL_AFTER_STAGE", "iter1/train")]
 
@@ -81,6 +83,10 @@ def test_kills_and_a_concurrent_launch_leave_an_uninterrupted_runs_history(tmp_p
         assert proc.returncode == -9, proc.log[-3000:]
         if where == "iter1/train":  # the attempt after the mid-training kill
             assert "resuming training after step 2" in proc.log
+        if where == "iter0/eval":  # the attempts after a kill inside a sample or eval stage
+            assert "iter0/eval: 1 of 2 chunks were committed by an earlier attempt" in proc.log
+        if where == "iter1/sample":
+            assert "iter1/sample: 2 of 3 chunks were committed by an earlier attempt" in proc.log
     run_main(STEP_CKPT, killed_root)
     run = the_run_dir(killed_root)
     assert run.name == clean.name

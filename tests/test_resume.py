@@ -127,3 +127,26 @@ def test_signal_saves_after_the_step_then_hands_over(tiny_ckpt, tmp_path):
     assert state["step"] == 3
     got, got_log = attempt(cfg, path, pairs, tmp_path / "stopped")
     assert got_log == want_log[3:] and got == want
+
+
+def test_stop_on_signal_hands_over_and_goes_on_if_the_handler_returns():
+    import os
+    import signal
+
+    from irpo.training.resume import StopOnSignal
+
+    calls = []
+    previous = signal.signal(signal.SIGUSR2, lambda s, f: calls.append(s))  # like submitit's SIGTERM
+    try:
+        with StopOnSignal() as stop:
+            os.kill(os.getpid(), signal.SIGUSR2)
+            assert stop.received == signal.SIGUSR2 and calls == []  # held until the step ends
+            stop.act()
+            assert calls == [signal.SIGUSR2] and stop.received is None  # handed over, goes on
+            os.kill(os.getpid(), signal.SIGUSR2)
+            assert stop.received == signal.SIGUSR2  # still watching
+            os.kill(os.getpid(), signal.SIGUSR2)  # a second one acts at once
+            assert calls == [signal.SIGUSR2] * 2
+        assert signal.getsignal(signal.SIGUSR2) is not None and calls == [signal.SIGUSR2] * 2
+    finally:
+        signal.signal(signal.SIGUSR2, previous)

@@ -178,6 +178,8 @@ def test_sampling_deterministic_by_seed(setup, engine):
     ids = [encode_prompt(engine.tokenizer, p) for p in prompts[5:9]]
     part = engine.generate_ids(ids, 4, 1.0, cfg.dataset.max_new_tokens, seed=5, first_index=5)
     assert same(part, first[5:9])
+    chunk = engine.generate(prompts[5:9], 4, 1.0, cfg.dataset.max_new_tokens, seed=5, first_index=5)
+    assert same(chunk, first[5:9])  # a stage's chunk (irpo.chunks) is seeded by global index
 
 
 @pytest.mark.slow
@@ -266,10 +268,22 @@ def test_scores_of_unsampled_responses_agree_with_the_forward(setup, engine):
 
 
 @pytest.mark.slow
-def test_one_iteration_with_vllm(tmp_path):
-    proc = run_main(["experiment=smoke", "sampler=vllm", "iterations=1",
-                     "sampler.return_logprobs=true"], tmp_path)
+def test_one_iteration_with_vllm(tmp_path, setup, engine):
+    """Also killed after the second of three sampling chunks: the rerun keeps both, and the
+    samples are those of one uninterrupted, unchunked call (each prompt has its own seed)."""
+    args = ["experiment=smoke", "sampler=vllm", "iterations=1", "sampler.return_logprobs=true",
+            "sampler.chunk_size=20"]
+    killed = run_main(args, tmp_path, env={"IRPO_KILL_AFTER_CHUNK": "iter1/sample:1"}, check=False)
+    assert killed.returncode == -9, killed.log[-3000:]
+    proc = run_main(args, tmp_path)
+    assert "iter1/sample: 2 of 3 chunks were committed by an earlier attempt, reused" in proc.log
     (run,) = [p for p in (tmp_path / "runs").iterdir() if p.is_dir()]
+    recorded = [json.loads(line) for line in open(run / "iter1/sample/samples.jsonl")]
+    whole = engine.generate([r["prompt"] for r in recorded], 4,
+                            json.loads((run / "iter1/sample/DONE").read_text())["temperature"],
+                            setup[0].dataset.max_new_tokens, seed=1)  # seed * 1000 + iteration
+    assert [[(s["text"], s["num_tokens"]) for s in r["samples"]] for r in recorded] == [
+        [(g.text, g.num_tokens) for g in gs] for gs in whole]
     for stage in ("iter0/eval", "iter1/sample", "iter1/label", "iter1/data", "iter1/train",
                   "iter1/eval"):
         assert (run / stage / "DONE").exists(), stage

@@ -38,8 +38,12 @@ class Generation:
 
 class Sampler(Protocol):
     def generate(self, prompts: list[str], n: int, temperature: float, max_new_tokens: int,
-                 seed: int, desc: str = "sampling") -> list[list[Generation]]:
-        """``n`` responses per prompt, in prompt order; temperature 0 is greedy (n must be 1)."""
+                 seed: int, desc: str = "sampling", first_index: int = 0) -> list[list[Generation]]:
+        """``n`` responses per prompt, in prompt order; temperature 0 is greedy (n must be 1).
+
+        ``first_index``: the global index of ``prompts[0]`` when a stage sends its prompts in
+        chunks (irpo.chunks); the randomness of a prompt's samples depends on its global index.
+        """
         ...
 
     def close(self) -> None:

@@ -10,8 +10,9 @@ padded, each expanded to ``n`` samples with a KV cache; results come back in
 the original order. Sampling is pure temperature/top-p sampling from the
 model (the checkpoint's own generation defaults such as top-k or repetition
 penalties are deliberately not applied: IRPO samples from the model itself).
-Batch ``b`` is seeded with ``seed + b``, so a call is reproducible for a given
-seed, prompt list and batch size.
+Batch ``b`` is seeded with ``seed + first_index + b``, so a call is reproducible for
+a given seed, prompt list and batch size (``first_index``: where a chunk of a stage's
+prompts starts, irpo.chunks; 0 for a whole list, whose seeds are then ``seed + b``).
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ class HFSampler:
         self.context = context_length(self.model)
 
     def generate(self, prompts: list[str], n: int, temperature: float, max_new_tokens: int,
-                 seed: int, desc: str = "sampling") -> list[list[Generation]]:
+                 seed: int, desc: str = "sampling", first_index: int = 0) -> list[list[Generation]]:
         _check_args(n, temperature, max_new_tokens, self.cfg.batch_size)
         encoded = [encode_prompt(self.tokenizer, p) for p in prompts]
         self._check_lengths(encoded, max_new_tokens)
@@ -51,8 +52,8 @@ class HFSampler:
             for b, start in enumerate(range(0, len(order), bs)):
                 index = order[start : start + bs]
                 batch = self._generate_batch(
-                    [encoded[i] for i in index], n, temperature, max_new_tokens, seed + b
-                )
+                    [encoded[i] for i in index], n, temperature, max_new_tokens,
+                    seed + first_index + b)
                 for i, gens in zip(index, batch):
                     results[i] = gens
                 bar.update(len(index))

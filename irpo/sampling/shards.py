@@ -73,13 +73,14 @@ def shard_root(shard_dir: str | None, model_path: str) -> Path:
 
 
 def write_request(work: Path, sampler: Any, encoded: list[list[int]], n: int, temperature: float,
-                  max_new_tokens: int, seed: int, num_shards: int) -> Path:
-    """The call, as every node's task reads it."""
+                  max_new_tokens: int, seed: int, num_shards: int, first_index: int = 0) -> Path:
+    """The call, as every node's task reads it (``first_index``: of a stage's chunk, irpo.chunks)."""
     work.mkdir(parents=True, exist_ok=True)
     cfg = dataclasses.asdict(sampler.cfg) if dataclasses.is_dataclass(sampler.cfg) else dict(sampler.cfg)
     request = {"model_path": sampler.model_path, "dtype": sampler.dtype, "sampler": cfg,
                "prompts": encoded, "n": n, "temperature": temperature,
-               "max_new_tokens": max_new_tokens, "seed": seed, "num_shards": num_shards}
+               "max_new_tokens": max_new_tokens, "seed": seed, "num_shards": num_shards,
+               "first_index": first_index}
     path = work / "request.json"
     path.write_text(json.dumps(request))
     return path
@@ -101,7 +102,8 @@ def run_shard(request_path: Path, shard: int, sampler: Any = None) -> Path:
         sampler = VLLMSampler(req["model_path"], cfg, req["dtype"])
     try:
         gens = sampler.generate_ids(req["prompts"][start:end], req["n"], req["temperature"],
-                                    req["max_new_tokens"], req["seed"], first_index=start,
+                                    req["max_new_tokens"], req["seed"],
+                                    first_index=req.get("first_index", 0) + start,
                                     desc=f"shard {shard}/{req['num_shards']}")
     finally:
         if own:
@@ -137,14 +139,15 @@ def merge_shards(work: Path, num_prompts: int, num_shards: int) -> list[list[Gen
 
 def generate_on_nodes(sampler: Any, encoded: list[list[int]], n: int, temperature: float,
                       max_new_tokens: int, seed: int, alloc: Any = None,
-                      run=subprocess.run) -> list[list[Generation]]:
+                      run=subprocess.run, first_index: int = 0) -> list[list[Generation]]:
     """One engine per node of the allocation over a shard each; the merged result."""
     from irpo.launch import per_node_command
 
     nodes = sampler.cfg.nodes
     alloc = check_allocation(nodes, alloc)
     work = shard_root(sampler.cfg.shard_dir, sampler.model_path) / uuid.uuid4().hex[:12]
-    request = write_request(work, sampler, encoded, n, temperature, max_new_tokens, seed, nodes)
+    request = write_request(work, sampler, encoded, n, temperature, max_new_tokens, seed, nodes,
+                            first_index)
     cmd = per_node_command(["-m", "irpo.sampling.shards", str(request.resolve())],
                            nodes=nodes, alloc=alloc)
     log.info("sampling on %d nodes: %s", nodes, " ".join(cmd))

@@ -200,15 +200,18 @@ class VLLMSampler:
     # -------------------------------------------------------------- generation
 
     def generate(self, prompts: list[str], n: int, temperature: float, max_new_tokens: int,
-                 seed: int, desc: str = "sampling") -> list[list[Generation]]:
+                 seed: int, desc: str = "sampling", first_index: int = 0) -> list[list[Generation]]:
+        """Prompt k is seeded as prompt ``first_index + k`` of the stage (irpo.chunks)."""
         _check_args(n, temperature, max_new_tokens, self.cfg.batch_size)
         encoded = [encode_prompt(self.tokenizer, p) for p in prompts]
         self._check_lengths(encoded, max_new_tokens)
         if self.cfg.nodes > 1:
             from irpo.sampling.shards import generate_on_nodes
 
-            return generate_on_nodes(self, encoded, n, temperature, max_new_tokens, seed)
-        return self.generate_ids(encoded, n, temperature, max_new_tokens, seed, desc=desc)
+            return generate_on_nodes(self, encoded, n, temperature, max_new_tokens, seed,
+                                     first_index=first_index)
+        return self.generate_ids(encoded, n, temperature, max_new_tokens, seed,
+                                 first_index=first_index, desc=desc)
 
     def generate_ids(self, encoded: list[list[int]], n: int, temperature: float,
                      max_new_tokens: int, seed: int, first_index: int = 0,

@@ -65,16 +65,19 @@ class StopOnSignal:
                     signal.Signals(signum).name)
 
     def act(self, signum: int | None = None) -> None:
-        """Hand the signal to whatever handled it before (called once the state is saved)."""
+        """Hand the signal to whatever handled it before (called once the state is saved).
+
+        A handler that returns (submitit lets SIGTERM pass: SLURM sends it before a kill
+        that SIGUSR2 has already handled) or an ignored signal lets the work go on.
+        """
         signum = signum or self.received
         previous = self._previous.get(signum, signal.SIG_DFL)
-        self.__exit__()
         if callable(previous):
             previous(signum, None)  # submitit: requeue and exit; SIGINT: KeyboardInterrupt
         elif previous == signal.SIG_DFL:
-            os.kill(os.getpid(), signum)
-        if previous == signal.SIG_IGN:
-            self.received = None
+            self.__exit__()
+            os.kill(os.getpid(), signum)  # the default action: the process ends
+        self.received = None
 
 
 class StepSaver:
