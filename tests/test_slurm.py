@@ -14,6 +14,7 @@ elsewhere these tests skip. Run them alone with
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import signal
@@ -111,7 +112,9 @@ def mlflow_runs(root: Path) -> list[dict]:
     for run_id, status in con.execute("select run_uuid, status from runs"):
         tags = dict(con.execute("select key, value from tags where run_uuid=?", (run_id,)))
         params = dict(con.execute("select key, value from params where run_uuid=?", (run_id,)))
-        runs.append({"status": status, "tags": tags, "params": params})
+        steps = [s for (s,) in con.execute(
+            "select step from metrics where run_uuid=? and key='train/loss' order by step", (run_id,))]
+        runs.append({"status": status, "tags": tags, "params": params, "train_loss_steps": steps})
     return runs
 
 
@@ -143,9 +146,10 @@ def slurm_executor(params: dict, folder: Path):
 
 
 @pytest.mark.parametrize("name", ["slurm", "slurm_paper"])
-def test_launcher_config_composes_into_a_one_task_sbatch_script(name, tmp_path):
+def test_launcher_config_composes_into_a_one_task_sbatch_script(name, tmp_path, slurm_cluster):
     """Both launchers compose. The paper one asks SLURM for 8 nodes x 8 GPUs
-    while submitit (and so the driver) sees a single task."""
+    while submitit (and so the driver) sees a single task. (submitit's executor wants
+    ``srun`` on the PATH: the cluster fixture installs SLURM on a fresh machine.)"""
     params = launcher_params(name, ["hydra.launcher.partition=gpu"])
     assert params["nodes"] == 1 and params["tasks_per_node"] == 1
     assert params["max_num_timeout"] > 0
@@ -291,12 +295,16 @@ def usr2_sent(pid: int) -> bool:
     return bool(pending & 1 << (signal.SIGUSR2 - 1)) or "\nState:\tT" not in status
 
 
-def _time_limit_after_first_stage(root: Path, proc: subprocess.Popen) -> str:
-    """Once the sweep's job has done its first stage, bring its time limit near,
+def training_steps_logged(root: Path) -> int:
+    return sum(len(p.read_text().splitlines()) for p in root.glob("runs/*/iter1/train.tmp/metrics.jsonl"))
+
+
+def _time_limit_in_training(root: Path, proc: subprocess.Popen) -> str:
+    """Once the sweep's job has trained two steps, bring its time limit near,
     holding the driver (SIGSTOP) until SLURM's warning signal is pending."""
     (job_id,) = wait_until("submitted job", lambda: submitted(root), 300, proc)
-    wait_until("first stage done", lambda: any(root.glob("runs/*/iter0/eval/DONE")), 900, proc,
-               every=0.1)
+    wait_until("training under way", lambda: training_steps_logged(root) >= 2, 900, proc,
+               every=0.05)
     pid = driver_pid(root)
     os.kill(pid, signal.SIGSTOP)
     try:
@@ -318,11 +326,13 @@ def _time_limit_after_first_stage(root: Path, proc: subprocess.Popen) -> str:
 @pytest.mark.slow
 @pytest.mark.slurm
 def test_time_limit_requeues_and_resumes(tmp_path, slurm_cluster):
-    """A job nears its time limit: SLURM signals USR2, submitit checkpoints and
-    re-queues it, and the next attempt skips the stages already done.
+    """A job nears its time limit in the middle of training: SLURM signals USR2, the
+    trainer finishes its step and saves a step checkpoint, submitit checkpoints and
+    re-queues the job, and the next attempt skips the stages already done and resumes
+    training after the step the signal interrupted.
 
-    The time limit is real but placed by the test: once the first stage is
-    done it pauses the driver (SIGSTOP), shortens the job's limit (``scontrol
+    The time limit is real but placed by the test: once training is under way
+    it pauses the driver (SIGSTOP), shortens the job's limit (``scontrol
     update TimeLimit``, as an admin might) and waits for slurmctld's time-limit
     signal (it checks limits every 30 s and signals once the limit is closer
     than signal_delay_s + 30 s; slurmstepd follows it with SIGCONT, which
@@ -337,12 +347,13 @@ def test_time_limit_requeues_and_resumes(tmp_path, slurm_cluster):
     cfg = to_config(compose(["experiment=smoke"]))
     ensure_builtin_model(cfg.model, cfg.dataset, cfg.cache_dir)
     cmd = [sys.executable, "-m", "irpo.main", "-m", f"output_root={tmp_path}", "launcher=slurm",
-           "method=rpo", "experiment=smoke", *ON_TEST_CLUSTER, "hydra.launcher.timeout_min=10",
+           "method=rpo", "experiment=smoke", "trainer.epochs=3", *ON_TEST_CLUSTER,
+           "hydra.launcher.timeout_min=10",
            "hydra.launcher.signal_delay_s=120", "hydra.launcher.max_num_timeout=3"]
     with open(tmp_path / "sweep.log", "w") as out:
         proc = subprocess.Popen(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
         try:
-            job_id = _time_limit_after_first_stage(tmp_path, proc)
+            job_id = _time_limit_in_training(tmp_path, proc)
             proc.wait(timeout=900)
         finally:
             if proc.poll() is None:  # a failed test leaves no job behind
@@ -356,8 +367,14 @@ def test_time_limit_requeues_and_resumes(tmp_path, slurm_cluster):
     first, second = log.split(f"Requeued job {job_id}", 1)
     assert "iteration 0 eval: done in" in first
     assert "iteration 0 eval: done already, skipped" in second, second[-3000:]
+    assert "iteration 1 sample: done already, skipped" in second
+    assert "saving a step checkpoint at the end of this step" in first
+    resumed = int(re.search(r"resuming training after step (\d+)", second).group(1))
+    assert resumed >= 2  # the steps before the signal are not trained again
     (run,) = [p for p in (tmp_path / "runs").iterdir() if p.is_dir()]
     for stage in STAGES:
         assert (run / stage / "DONE").exists(), stage
     (mlflow_run,) = mlflow_runs(tmp_path)  # the second attempt logs into the same run
     assert mlflow_run["status"] == "FINISHED"
+    steps = json.loads((run / "iter1/train/DONE").read_text())["steps"]
+    assert mlflow_run["train_loss_steps"] == list(range(1, steps + 1))  # each step once

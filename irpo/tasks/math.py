@@ -36,7 +36,7 @@ import re
 from functools import lru_cache
 from typing import Any
 
-from irpo.tasks.answer_text import locate, several_values, tidy
+from irpo.tasks.answer_text import box_spans, locate, several_values, tidy
 from irpo.tasks.base import Example, register
 from irpo.tasks.common import DataError, HubTask, Source, load_records, render
 
@@ -76,31 +76,13 @@ _BOX_SPACE_RE = re.compile(r"\\boxed +([^\s$]+)")
 
 def last_boxed(text: str) -> str | None:
     """Content of the last complete ``\\boxed{...}`` / ``\\fbox{...}``; linear time in ``text``."""
-    opens = [m.end() - 1 for m in _BOX_RE.finditer(text)]
-    if not opens:
+    if _BOX_RE.search(text) is None:
         m = None
         for m in _BOX_SPACE_RE.finditer(text):  # "\boxed 5", an old MATH spelling
             pass
         return m.group(1) if m else None
-    # One pass from the first box: match every unescaped brace with a stack.
-    close_of: dict[int, int] = {}
-    stack: list[int] = []
-    i, n = opens[0], len(text)
-    while i < n:
-        ch = text[i]
-        if ch == "\\":
-            i += 2  # "\{" and "\}" are literal braces, not groups
-            continue
-        if ch == "{":
-            stack.append(i)
-        elif ch == "}" and stack:
-            close_of[stack.pop()] = i
-        i += 1
-    for start in reversed(opens):
-        end = close_of.get(start)
-        if end is not None:
-            return text[start + 1:end]
-    return None
+    spans = box_spans(text)  # in opening order: the last one opened that is complete
+    return spans[-1][2] if spans else None
 
 
 def _unwrap(answer: str) -> str:
