@@ -159,7 +159,8 @@ class MLflowTracker:
         bound_http_requests(settings.timeout_s, settings.retries)
         self.uri, self.experiment, self.settings = uri, experiment, settings
         self.artifact_root = Path(artifact_root).resolve()
-        self.client = mlflow.MlflowClient(tracking_uri=uri)
+        self._mlflow = mlflow
+        self.client = None  # made with the experiment (_experiment_id): it opens the store
         self.ui_hint = f"mlflow ui --backend-store-uri {uri}"
         self.run_id: str | None = None
         self.sent = 0  # metric values this tracker published (not counting those already there)
@@ -269,9 +270,12 @@ class MLflowTracker:
     def _experiment_id(self) -> str:
         if self._exp_id is None:
             view_key, view = chart_view_tag()
-            # Sweep points started together (SLURM array jobs) would race to create
-            # the sqlite schema and the experiment; one of them would crash.
+            # The client opens its store when it is made, and a new sqlite store creates its
+            # schema then: sweep points started together (SLURM array jobs) must not do that,
+            # or create the experiment, at the same time.
             with _store_lock(self.uri):
+                if self.client is None:
+                    self.client = self._mlflow.MlflowClient(tracking_uri=self.uri)
                 exp = self.client.get_experiment_by_name(self.experiment)
                 if exp is None:
                     self._exp_id = self.client.create_experiment(
@@ -292,6 +296,7 @@ class MLflowTracker:
             return
         from mlflow.entities import Param
 
+        self._experiment_id()  # the client, the store and the experiment first
         state = read_tracking_file(self._run_dir)
         entry = state["mlflow_runs"].get(self.uri) or _legacy_entry(self._run_dir, self.uri)
         run = self._existing_run(entry["run_id"]) if entry else None
