@@ -32,7 +32,8 @@ NON_SEMANTIC_KEYS = ("hydra", "tracking", "output_root", "cache_dir", "run_name"
 
 # Debugging hooks used by the fault tests: kill this process with SIGKILL right
 # after the named stage (for example "iter1/sample") is marked done, or right after
-# the training step with this global number is recorded (irpo.driver).
+# the training step with this global number is recorded (irpo.driver; with
+# trainer=deepspeed rank 0 does it, and "<step>:TERM" sends it SIGTERM instead).
 KILL_AFTER_ENV = "IRPO_KILL_AFTER_STAGE"
 KILL_AT_STEP_ENV = "IRPO_KILL_AT_TRAIN_STEP"
 

@@ -173,6 +173,33 @@ def test_killed_zero3_stage_resumes_from_its_sharded_step_checkpoint(tiny_ckpt, 
 
 
 @pytest.mark.slow
+def test_sigterm_saves_a_sharded_checkpoint_and_the_rerun_goes_on(tiny_ckpt, torch_run, tmp_path,  # noqa: F811
+                                                                  monkeypatch):
+    """SIGTERM to rank 0 (as torchrun passes on the driver's own stop) during step 3, with no
+    periodic checkpoints: every rank finishes the step, they save together and stop (exit
+    75); the rerun goes on after that step and ends as the uninterrupted stage."""
+    path, pairs = tiny_ckpt
+    ref_info, ref_logged, ref_out = torch_run
+    tcfg = ds_trainer(zero_stage=3, num_processes=2, save_every_min=None, **TRAIN)
+    cfg = dataclasses.replace(make_cfg(), trainer=tcfg, cache_dir=str(TEST_CACHE))
+    monkeypatch.setenv("IRPO_KILL_AT_TRAIN_STEP", "103:TERM")
+    with pytest.raises(RuntimeError, match="the workers failed"):
+        run(deepspeed_trainer.train, cfg, path, pairs, tmp_path)
+    monkeypatch.delenv("IRPO_KILL_AT_TRAIN_STEP")
+    saved = int((tmp_path / "resume/committed").read_text().removeprefix("step"))
+    assert saved == 3  # rank 1 got no signal: it stopped because rank 0 did
+    info, logged = run(deepspeed_trainer.train, cfg, path, pairs, tmp_path)
+    assert [s for s, _ in logged] == list(range(101 + saved, 107))
+    for (_, got), (_, want) in zip(logged, ref_logged[saved:]):
+        assert abs(got["train/loss"] - want["train/loss"]) < 1e-5
+    assert info["checkpoints"] == ["ckpt-3", "ckpt-6"]
+    model, _ = load_model(tmp_path / "ckpt-6")
+    ref_model, _ = load_model(ref_out / "ckpt-6")
+    for (name, w), (_, ref_w) in zip(model.state_dict().items(), ref_model.state_dict().items()):
+        torch.testing.assert_close(w, ref_w, rtol=0, atol=1e-5, msg=name)
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", [3, 2])
 def test_same_loss_curve_as_torch_and_checkpoint_samples(stage, tiny_ckpt, torch_run, tmp_path):  # noqa: F811
     """ZeRO-2 also takes half the reference log-probs as if from the sampler (equal to the

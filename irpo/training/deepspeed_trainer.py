@@ -60,7 +60,15 @@ import torch
 from irpo.launch import Allocation, stage_command
 from irpo.rundir import KILL_AT_STEP_ENV
 from irpo.training.reference import stage_reference
-from irpo.training.resume import StepSaver, discard, ds_due, ds_load_state, ds_save_state
+from irpo.training.resume import (
+    STOPPED_EXIT,
+    StepSaver,
+    StopOnSignal,
+    discard,
+    ds_decide,
+    ds_load_state,
+    ds_save_state,
+)
 from irpo.training.torch_trainer import (
     MetricsFn,
     accumulate_metrics,
@@ -177,8 +185,10 @@ def _run_streaming(cmd: list[str], env: dict, metrics_file: Path, on_record) -> 
         raise
     drain()
     if proc.returncode != 0:
-        raise RuntimeError(f"trainer=deepspeed: the workers failed (exit {proc.returncode}); "
-                           f"their output is above. Command: {' '.join(cmd)}")
+        raise RuntimeError(f"trainer=deepspeed: the workers failed (exit {proc.returncode}; "
+                           f"{STOPPED_EXIT}: stopped by a signal after saving a step checkpoint, "
+                           f"which a rerun resumes from); their output is above. "
+                           f"Command: {' '.join(cmd)}")
 
 
 # ------------------------------------------------------------------ each worker process
@@ -297,8 +307,12 @@ def worker(work: Path) -> None:
             tcfg, example_ids(req["examples"]), req["seed"])
     refs_all = tuple(r.to(device) for r in refs_all) if refs_all is not None else None
     engine.train()
-    history, checkpoints = _train_steps(engine, scheduler, tokenizer, toks, (refs_all, ref_info),
-                                        req, steps, ds_config, work, resumed)
+    with StopOnSignal() as signalled:  # SIGTERM (torchrun passes its own on), SIGUSR2, SIGINT
+        history, checkpoints = _train_steps(engine, scheduler, tokenizer, toks, (refs_all, ref_info),
+                                            req, steps, ds_config, work, resumed, signalled)
+    if history is None:  # stopped by a signal after saving a step checkpoint
+        dist.destroy_process_group()
+        sys.exit(STOPPED_EXIT)
     if rank == 0:
         discard(Path(req["out_dir"]))
         summary = stage_summary(steps, len(toks), truncated, checkpoints, history, ref_info)
@@ -308,11 +322,12 @@ def worker(work: Path) -> None:
 
 
 def _train_steps(engine, scheduler, tokenizer, toks, refs, req, steps: int, ds_config: dict,
-                 work: Path, resumed: dict | None) -> tuple[list[dict[str, float]], list[Path]]:
+                 work: Path, resumed: dict | None, signalled: StopOnSignal):
     """The torch trainer's steps, each rank on its share of every batch; (metrics, checkpoints).
 
     ``refs``: (reference log-probs, their summary); ``resumed``: the client state of the
-    step checkpoint this attempt goes on from (irpo.training.resume), or None.
+    step checkpoint this attempt goes on from (irpo.training.resume), or None. After a
+    signal every rank finishes the step and saves a step checkpoint: then (None, None).
     """
     import torch.distributed as dist
     from tqdm.auto import tqdm
@@ -347,17 +362,23 @@ def _train_steps(engine, scheduler, tokenizer, toks, refs, req, steps: int, ds_c
         if rank == 0 and should_log(step, steps, tcfg):
             with open(work / "metrics.jsonl", "a") as f:  # the driver logs it from there
                 f.write(json.dumps({"step": step, "metrics": metrics}) + "\n")
-        if rank == 0 and kill_at == str(req["step_offset"] + step):
-            os.kill(os.getpid(), signal.SIGKILL)
+        if rank == 0 and kill_at and kill_at.split(":")[0] == str(req["step_offset"] + step):
+            # "<step>" kills rank 0; "<step>:TERM" signals it (as torchrun passes SIGTERM on)
+            sig = kill_at.partition(":")[2] or "KILL"
+            os.kill(os.getpid(), getattr(signal, f"SIG{sig}"))
         if step in save_at:
             checkpoints.append(out_dir / f"ckpt-{step}")
             _save(engine, tokenizer, checkpoints[-1], tcfg.zero_stage)
-        if ds_due(saver, step, steps, device):
+        save, stop = ds_decide(saver, step, steps, device, signalled.received is not None)
+        if save:
             ds_save_state(engine, out_dir, step, {
                 "step": step, "history": history, "checkpoints": [p.name for p in checkpoints],
                 "refs": tuple(r.cpu() for r in refs_all) if refs_all is not None else None,
                 "ref_info": ref_info})
             saver.saved()
+        if stop:
+            log.warning("rank %d: stopping after step %d, its step checkpoint saved", rank, step)
+            return None, None
     return history, checkpoints
 
 

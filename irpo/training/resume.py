@@ -157,13 +157,20 @@ def discard(out_dir: Path) -> None:
 COMMITTED = "committed"
 
 
-def ds_due(saver: StepSaver, step: int, steps: int, device) -> bool:
-    """Rank 0's decision, shared: a time-based one must not differ between ranks."""
+STOPPED_EXIT = 75  # a worker's exit status after a signal: its step checkpoint is saved
+
+
+def ds_decide(saver: StepSaver, step: int, steps: int, device, signalled: bool) -> tuple[bool, bool]:
+    """(save now, stop after saving), the same on every rank: rank 0 decides the periodic
+    saves (a time-based decision must not differ between ranks), and a signal that reached
+    any rank stops them all."""
     import torch.distributed as dist
 
-    flag = torch.tensor([1.0 if saver.due(step, steps) else 0.0], device=device)
-    dist.broadcast(flag, src=0)
-    return bool(flag.item())
+    due = dist.get_rank() == 0 and saver.due(step, steps)
+    flags = torch.tensor([float(due), float(signalled)], device=device)
+    dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    stop = bool(flags[1].item())
+    return bool(flags[0].item()) or stop, stop
 
 
 def ds_save_state(engine, out_dir: Path, step: int, client_state: dict) -> None:
