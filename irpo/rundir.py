@@ -27,8 +27,10 @@ from omegaconf import DictConfig, OmegaConf
 
 log = logging.getLogger(__name__)
 
-# Keys that do not change what a run computes: where it is logged or stored.
+# Keys that do not change what a run computes: where it is logged or stored, and how
+# often training saves step checkpoints (a rerun may change that and still resume).
 NON_SEMANTIC_KEYS = ("hydra", "tracking", "output_root", "cache_dir", "run_name")
+NON_SEMANTIC_FIELDS = (("trainer", "save_every_steps"), ("trainer", "save_every_min"))
 
 # Debugging hooks used by the fault tests: kill this process with SIGKILL right
 # after the named stage (for example "iter1/sample") is marked done, or right after
@@ -41,6 +43,9 @@ KILL_AT_STEP_ENV = "IRPO_KILL_AT_TRAIN_STEP"
 def config_hash(raw: DictConfig) -> str:
     keep = [k for k in raw.keys() if k not in NON_SEMANTIC_KEYS]
     resolved = OmegaConf.to_container(OmegaConf.masked_copy(raw, keep), resolve=True)
+    for group, key in NON_SEMANTIC_FIELDS:
+        if isinstance(resolved.get(group), dict):
+            resolved[group].pop(key, None)
     blob = json.dumps(resolved, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:10]
 

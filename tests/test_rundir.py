@@ -16,6 +16,11 @@ def test_hash_ignores_where_things_are_stored_but_not_what_is_computed():
     other = OmegaConf.create({"beta": 0.5, "output_root": "a", "tracking": {"backend": "mlflow"}})
     assert config_hash(base) == config_hash(same)
     assert config_hash(base) != config_hash(other)
+    # How often training saves step checkpoints may change between attempts of one run.
+    ckpt = OmegaConf.create({"beta": 0.1, "trainer": {"lr": 1.0, "save_every_min": 30.0}})
+    assert config_hash(ckpt) == config_hash(OmegaConf.create(
+        {"beta": 0.1, "trainer": {"lr": 1.0, "save_every_min": 5.0, "save_every_steps": 2}}))
+    assert config_hash(ckpt) != config_hash(OmegaConf.create({"beta": 0.1, "trainer": {"lr": 2.0}}))
     assert len(config_hash(base)) == 10
 
 
