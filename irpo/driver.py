@@ -42,6 +42,7 @@ from irpo.tracking import (
     write_tracking_file,
 )
 from irpo.training import get_trainer
+from irpo.training.resume import RESUME_DIR
 
 log = logging.getLogger(__name__)
 
@@ -196,6 +197,9 @@ def stage_train(ctx: Context, t: int, init: Path, out: Path) -> dict:
     cfg = ctx.cfg
     examples = read_jsonl(ctx.run.stage_dir(t, "data") / "train.jsonl")
     offset = sum(ctx.run.done_info(i, "train")["steps"] for i in range(1, t))
+    if not (out / RESUME_DIR).exists():  # no step checkpoint: a killed attempt's leftovers go
+        for stale in [*out.glob("ckpt-*"), out / "model"]:
+            shutil.rmtree(stale, ignore_errors=True)
     steps = StepLog(out)  # the record first (committed with the stage), then MLflow
 
     def log_step(metrics: dict[str, float], step: int) -> None:

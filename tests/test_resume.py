@@ -150,3 +150,30 @@ def test_stop_on_signal_hands_over_and_goes_on_if_the_handler_returns():
         assert signal.getsignal(signal.SIGUSR2) is not None and calls == [signal.SIGUSR2] * 2
     finally:
         signal.signal(signal.SIGUSR2, previous)
+
+
+def test_train_stage_without_a_step_checkpoint_clears_a_killed_attempts_leftovers(tmp_path,
+                                                                                  monkeypatch):
+    """Killed after the best checkpoint became ``model`` but before DONE: the rerun trains
+    again (its step checkpoint was already gone) and must not trip over the old folders."""
+    from irpo import driver
+    from irpo.rundir import RunDir
+    from irpo.tracking import NullTracker
+
+    (tmp_path / "iter1/data").mkdir(parents=True)
+    (tmp_path / "iter1/data/train.jsonl").write_text('{"id": "0"}\n')
+    out = tmp_path / "iter1/train.tmp"
+    for leftover in ("model", "ckpt-9"):
+        (out / leftover).mkdir(parents=True)
+        (out / leftover / "model.safetensors").write_text("old")
+
+    def fake_train(cfg, init, examples, out_dir, log, offset, seed):
+        (out_dir / "ckpt-2").mkdir()
+        (out_dir / "ckpt-2" / "model.safetensors").write_text("new")
+        return {"checkpoints": ["ckpt-2"], "steps": 2}
+
+    monkeypatch.setattr(driver, "get_trainer", lambda name: fake_train)
+    ctx = driver.Context(make_cfg(), None, RunDir(tmp_path), NullTracker(), {})
+    driver.stage_train(ctx, 1, tmp_path / "m0", out)
+    assert sorted(p.name for p in out.iterdir()) == ["model"]
+    assert (out / "model" / "model.safetensors").read_text() == "new"
