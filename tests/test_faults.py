@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -151,14 +153,19 @@ def test_server_down_at_start_fails_fast_when_asked(tmp_path):
 def test_server_outages_lose_nothing(tmp_path):
     """Down at start then back mid-run; up at start then down to the end, synced later."""
     server = MlflowServer(tmp_path / "server")
-    opts = [f"tracking.tracking_uri={server.uri}", "tracking.retry_every_s=1",
-            "tracking.flush_timeout_s=5"]
+    opts = [f"tracking.tracking_uri={server.uri}", "tracking.retry_every_s=1"]
     try:
-        # 1. Nothing answers at start: the run goes on; the server comes back while it samples.
+        # 1. Nothing answers at start: the run goes on; the server comes back while it samples
+        # (the run is held meanwhile: on an idle machine it would finish before the server is up).
         root = tmp_path / "late"
-        proc = start_main(TINY + opts + ["seed=1"], root, tmp_path / "late.log")
+        proc = start_main(TINY + opts + ["seed=1", "tracking.flush_timeout_s=60"], root,
+                          tmp_path / "late.log")
         wait_for(lambda: list(root.glob("runs/*/iter1/sample.tmp")), proc)
-        server.start()
+        os.kill(proc.pid, signal.SIGSTOP)
+        try:
+            server.start()
+        finally:
+            os.kill(proc.pid, signal.SIGCONT)
         assert proc.wait(timeout=1800) == 0
         log = (tmp_path / "late.log").read_text()
         assert f"MLflow at {server.uri} did not answer" in log
@@ -168,7 +175,8 @@ def test_server_outages_lose_nothing(tmp_path):
 
         # 2. The server dies while the run samples and stays down past its end.
         root = tmp_path / "down"
-        proc = start_main(TINY + opts + ["seed=2"], root, tmp_path / "down.log")
+        proc = start_main(TINY + opts + ["seed=2", "tracking.flush_timeout_s=5"], root,
+                          tmp_path / "down.log")
         wait_for(lambda: list(root.glob("runs/*/iter1/sample.tmp")), proc)
         server.stop()
         assert proc.wait(timeout=1800) == 0
