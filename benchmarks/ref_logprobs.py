@@ -283,7 +283,7 @@ def markdown(result: dict) -> str:
             "1/4 of the training); its cost moves into sampling, where the sampler computes the "
             "log-probs of the tokens it draws anyway (not measured here; see the sampling benchmark). "
             "Gold CoTs added to the winners still need a forward (one row each, without the shared "
-            "prompt), and the agreement check recomputes trainer.ref_check_pairs pairs (DESIGN.md §3).",
+            "prompt), and the agreement check recomputes trainer.ref_check_pairs pairs.",
             ""]
     return "\n".join(out)
 

@@ -68,7 +68,7 @@ class HubTaskConfig(DatasetConfig):
 
 @dataclass
 class MethodConfig:
-    """A method is a data policy plus loss weights (DESIGN.md §1)."""
+    """A method is a data policy plus loss weights (the README's method table)."""
 
     name: str = MISSING
     data: str = "pairs"  # gold | correct | pairs

@@ -10,7 +10,7 @@ reference) forward, turns logits into per-sequence log-probs with
                           ref_chosen=rc, ref_rejected=rr, dpo_weight=1.0)
     out.loss.backward()
 
-The methods of DESIGN.md §1 are weightings of the same two terms (Pang et al.
+The methods (the README's method table) are weightings of the same two terms (Pang et al.
 2024, eq. 1):
 
     loss = dpo_weight · mean_b DPO_b  +  alpha · mean_b (−log Mθ(w_b|x_b) / |w_b|)

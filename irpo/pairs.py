@@ -11,7 +11,7 @@ and the "pair" stage turns them into the examples the trainer reads::
                                      add_gold_to_winners=cfg.dataset.add_gold_to_winners,
                                      max_examples=cfg.max_pairs, seed=cfg.seed)
 
-``data`` is the method's data policy (DESIGN.md §1):
+``data`` is the method's data policy:
 
 - ``"pairs"`` (dpo, rpo): K (winner, loser) pairs per prompt, winners = distinct
   correct samples (plus the gold CoT, first, when configured), losers = distinct

@@ -298,7 +298,7 @@ class MLflowTracker:
 
         self._experiment_id()  # the client, the store and the experiment first
         state = read_tracking_file(self._run_dir)
-        entry = state["mlflow_runs"].get(self.uri) or _legacy_entry(self._run_dir, self.uri)
+        entry = state["mlflow_runs"].get(self.uri) or _legacy_entry(self._run_dir)
         run = self._existing_run(entry["run_id"]) if entry else None
         if run is None:
             run = self.client.create_run(self._experiment_id(), tags=self._tags, run_name=self._name)
@@ -356,7 +356,7 @@ class MLflowTracker:
         self.client.set_terminated(self.run_id, status=status)
 
 
-def _legacy_entry(run_dir: Path, uri: str) -> dict | None:
+def _legacy_entry(run_dir: Path) -> dict | None:
     """Run directories written before tracking.json kept the run id in ``mlflow_run_id``."""
     old = Path(run_dir) / "mlflow_run_id"
     return {"run_id": old.read_text().strip(), "params": True} if old.exists() else None
