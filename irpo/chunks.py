@@ -74,7 +74,7 @@ def run_chunks(stage_dir: Path, items: Sequence[Any], size: int,
                 _write(path, part)
                 if os.environ.get(KILL_AFTER_CHUNK_ENV) == f"{label}:{k}":
                     os.kill(os.getpid(), signal.SIGKILL)
-                if stop.received and k + 1 < len(bounds):
+                if stop.received:  # also after the last one: the signal must not be lost
                     log.warning("%s: stopping after chunk %d of %d (committed)", label, k + 1, len(bounds))
                     stop.act()
             records += part

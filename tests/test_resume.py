@@ -177,3 +177,35 @@ def test_train_stage_without_a_step_checkpoint_clears_a_killed_attempts_leftover
     driver.stage_train(ctx, 1, tmp_path / "m0", out)
     assert sorted(p.name for p in out.iterdir()) == ["model"]
     assert (out / "model" / "model.safetensors").read_text() == "new"
+
+
+@pytest.mark.parametrize("signal_in_chunk", [0, 2])
+def test_a_signal_during_a_chunk_commits_it_then_hands_over(tmp_path, signal_in_chunk):
+    """SLURM's warning during chunk k (the last one too): chunk k is committed, then the
+    previous handler (submitit's requeue) runs; the rerun reuses what was committed."""
+    import os
+    import signal
+
+    from irpo.chunks import run_chunks
+
+    calls = []
+
+    def fn(first, part):
+        calls.append(first)
+        if first == 2 * signal_in_chunk:
+            os.kill(os.getpid(), signal.SIGUSR2)
+        return [{"i": i} for i in part]
+
+    def requeue(signum, frame):
+        raise Requeued
+
+    previous = signal.signal(signal.SIGUSR2, requeue)
+    try:
+        with pytest.raises(Requeued):
+            run_chunks(tmp_path, list(range(6)), 2, fn, "iter1/sample")
+    finally:
+        signal.signal(signal.SIGUSR2, previous)
+    assert sorted(p.name for p in (tmp_path / "chunks").glob("*.jsonl")) == [
+        f"{k}.jsonl" for k in range(signal_in_chunk + 1)]
+    assert run_chunks(tmp_path, list(range(6)), 2, fn, "iter1/sample") == [{"i": i} for i in range(6)]
+    assert calls == [0, 2, 4][: signal_in_chunk + 1] + [0, 2, 4][signal_in_chunk + 1:]
