@@ -46,8 +46,21 @@ def test_every_dataset_method_composes(dataset, method):
         assert cfg.alpha == 0.0
     if method.endswith("_2x"):
         assert cfg.iterations == 1 and cfg.method.data_multiplier == 2
-    else:
+    elif method == "rpo":  # only IRPO iterates (the paper's Table 1)
         assert cfg.iterations == cfg.dataset.iterations
+    else:
+        assert cfg.iterations == 1
+
+
+@pytest.mark.parametrize("overrides, want", [
+    (("method=dpo",), 1), (("method=dpo", "iterations=3"), 3), (("method=rpo",), 3),
+    (("method=sft",), 1), (("method=star", "iterations=2"), 2), (("method=rpo", "iterations=1"), 1),
+    (("method=rpo", "dataset=gsm8k"), 4), (("method=dpo", "dataset=gsm8k"), 1),
+    (("method=dpo", "experiment=sweep_iterative_dpo"), 3),
+])
+def test_each_method_defaults_to_the_papers_iterations(overrides, want):
+    """The method config owns the default; a command-line ``iterations=`` still wins."""
+    assert load(*overrides).iterations == want
 
 
 def test_paper_defaults_reach_top_level_knobs():
