@@ -68,7 +68,17 @@ def run_chunks(stage_dir: Path, items: Sequence[Any], size: int,
                 part = _read(path)
                 reused += 1
             else:
-                part = fn(start, items[start:end])
+                try:
+                    part = fn(start, items[start:end])
+                except Exception:
+                    # A signal that also reached the chunk's workers (srun passes SLURM's
+                    # warning to every step) makes them stop, and fn fail: the signal wins,
+                    # so that the job is re-queued rather than failed.
+                    if stop.received:
+                        log.warning("%s: chunk %d failed after %s; acting on the signal", label, k,
+                                    signal.Signals(stop.received).name)
+                        stop.act()
+                    raise
                 if len(part) != end - start:
                     raise RuntimeError(f"{label} chunk {k}: {len(part)} records for {end - start} prompts")
                 _write(path, part)
@@ -82,6 +92,15 @@ def run_chunks(stage_dir: Path, items: Sequence[Any], size: int,
         log.info("%s: %d of %d chunks were committed by an earlier attempt, reused",
                  label, reused, len(bounds))
     return records
+
+
+def stage_chunk_size(sampler_cfg: Any, num_items: int) -> int:
+    """Prompts per chunk of a stage. With ``sampler.nodes`` > 1 the stage is one call: each
+    node's engine commits chunks of its own shard (irpo.sampling.shards), so engines are
+    not started anew for every chunk."""
+    if getattr(sampler_cfg, "nodes", 1) > 1:
+        return max(num_items, 1)
+    return sampler_cfg.chunk_size
 
 
 def discard_chunks(stage_dir: Path) -> None:

@@ -114,7 +114,7 @@ class SamplerConfig:
     batch_size: int = 64  # prompts per generate call (each expanded to N samples)
     top_p: float = 1.0
     # Prompts per committed chunk of a sample or eval stage: a killed stage loses at most
-    # one chunk (irpo/chunks.py). With sampler.nodes > 1 every chunk starts the engines anew.
+    # one chunk (irpo/chunks.py). With sampler.nodes > 1 each node chunks its own shard.
     chunk_size: int = 1024
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from irpo.builtin_model import ensure_builtin_model
-from irpo.chunks import discard_chunks, run_chunks
+from irpo.chunks import discard_chunks, run_chunks, stage_chunk_size
 from irpo.config import Config, ConfigError, temperature_at
 from irpo.evaluate import evaluate
 from irpo.modeling import resolve_device
@@ -105,7 +105,8 @@ def stage_sample(ctx: Context, t: int, model: Path, out: Path) -> dict:
             scoring_s += score_gold(ctx, t, model, records)
         return records
 
-    records = run_chunks(out, examples, cfg.sampler.chunk_size, one_chunk, f"iter{t}/sample")
+    records = run_chunks(out, examples, stage_chunk_size(cfg.sampler, len(examples)), one_chunk,
+                         f"iter{t}/sample")
     discard_chunks(out)
     write_jsonl(out / "samples.jsonl", records)
     tokens = sum(s["num_tokens"] for r in records for s in r["samples"])
@@ -233,7 +234,8 @@ def stage_eval(ctx: Context, t: int, model: Path, out: Path) -> dict:
                        max_new_tokens=cfg.dataset.max_new_tokens, maj_k=cfg.eval.maj_k,
                        maj_temperature=cfg.eval.maj_temperature, seed=cfg.seed, prefix="test",
                        out_file=out / "predictions.jsonl",
-                       chunks=(out, cfg.sampler.chunk_size, f"iter{t}/eval"))
+                       chunks=(out, stage_chunk_size(cfg.sampler, len(ctx.splits["test"])),
+                               f"iter{t}/eval"))
     return metrics
 
 

@@ -209,3 +209,42 @@ def test_a_signal_during_a_chunk_commits_it_then_hands_over(tmp_path, signal_in_
         f"{k}.jsonl" for k in range(signal_in_chunk + 1)]
     assert run_chunks(tmp_path, list(range(6)), 2, fn, "iter1/sample") == [{"i": i} for i in range(6)]
     assert calls == [0, 2, 4][: signal_in_chunk + 1] + [0, 2, 4][signal_in_chunk + 1:]
+
+
+def test_a_chunk_failed_by_the_signal_hands_over_rather_than_fails(tmp_path):
+    """srun passes SLURM's warning to the nodes' tasks too, which stop, so the chunk's
+    call fails: the driver must act on the signal (re-queue), not fail the job."""
+    import os
+    import signal
+
+    from irpo.chunks import run_chunks
+
+    def fn(first, part):
+        if first == 2:
+            os.kill(os.getpid(), signal.SIGUSR2)
+            raise RuntimeError("srun: task 1 exited on signal 12")
+        return [{"i": i} for i in part]
+
+    def requeue(signum, frame):
+        raise Requeued
+
+    previous = signal.signal(signal.SIGUSR2, requeue)
+    try:
+        with pytest.raises(Requeued):
+            run_chunks(tmp_path, list(range(6)), 2, fn, "iter1/sample")
+    finally:
+        signal.signal(signal.SIGUSR2, previous)
+    assert [p.name for p in (tmp_path / "chunks").glob("*.jsonl")] == ["0.jsonl"]
+    with pytest.raises(RuntimeError, match="exited on signal"):  # no signal: the error stands
+        run_chunks(tmp_path, list(range(6)), 2,
+                   lambda first, part: (_ for _ in ()).throw(RuntimeError("exited on signal")),
+                   "iter1/sample")
+
+
+def test_multi_node_stages_are_one_call_that_each_node_chunks():
+    from irpo.chunks import stage_chunk_size
+    from irpo.config import HFSamplerConfig, VLLMSamplerConfig
+
+    assert stage_chunk_size(HFSamplerConfig(name="hf", chunk_size=7), 100) == 7
+    assert stage_chunk_size(VLLMSamplerConfig(name="vllm", chunk_size=7), 100) == 7
+    assert stage_chunk_size(VLLMSamplerConfig(name="vllm", chunk_size=7, nodes=2), 100) == 100

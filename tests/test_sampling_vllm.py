@@ -216,6 +216,83 @@ def test_shards_merge_to_the_one_engine_result(setup, engine, tmp_path):
     assert VLLMSamplerConfig(**req["sampler"]) == CFG and req["prompts"] == encoded
 
 
+class CountingEngine:
+    """The module's engine, counting the prompts it generates; fails on the given call."""
+
+    def __init__(self, engine, fail_on_call=None):
+        self.engine, self.fail_on_call, self.calls, self.prompts = engine, fail_on_call, 0, 0
+
+    def generate_ids(self, encoded, *args, **kwargs):
+        self.calls += 1
+        if self.calls == self.fail_on_call:
+            raise RuntimeError("node lost")
+        self.prompts += len(encoded)
+        return self.engine.generate_ids(encoded, *args, **kwargs)
+
+
+@pytest.mark.slow
+def test_each_shard_resumes_by_itself(setup, engine, tmp_path):
+    """Node 0 finishes its shard, node 1 dies after its first chunk: the rerun does not
+    redo shard 0 nor node 1's committed chunk, and merges to the one-engine result."""
+    cfg, _, prompts = setup
+    from irpo.modeling import encode_prompt
+
+    encoded = [encode_prompt(engine.tokenizer, p) for p in prompts[:10]]  # shards of 5 and 5
+    two = dataclasses.replace(CFG, nodes=2, shard_dir=str(tmp_path), chunk_size=2)
+    alloc = Allocation("42", ("n1", "n2"), "10.0.0.1")
+    nodes = [CountingEngine(engine), CountingEngine(engine, fail_on_call=2)]
+
+    def srun(cmd, check):  # each node's task, one after the other; node 1's failure fails srun
+        for shard in range(2):
+            run_shard(Path(cmd[-1]), shard, sampler=nodes[shard])
+
+    engine.cfg = two
+    try:
+        with pytest.raises(RuntimeError, match="node lost"):
+            generate_on_nodes(engine, encoded, 3, 1.0, cfg.dataset.max_new_tokens, 11,
+                              alloc=alloc, run=srun)
+        (work,) = tmp_path.iterdir()
+        assert (work / "shard-0.jsonl").is_file() and not (work / "shard-1.jsonl").exists()
+        assert sorted(p.name for p in (work / "shard-1.tmp" / "chunks").iterdir()) == ["0.jsonl"]
+        assert (nodes[0].prompts, nodes[1].prompts) == (5, 2)
+        nodes = [CountingEngine(engine), CountingEngine(engine)]  # the re-queued job
+        merged = generate_on_nodes(engine, encoded, 3, 1.0, cfg.dataset.max_new_tokens, 11,
+                                   alloc=alloc, run=srun)
+    finally:
+        engine.cfg = CFG
+    assert (nodes[0].prompts, nodes[1].prompts) == (0, 3)  # only node 1's last 3 prompts
+    assert not any(tmp_path.iterdir())
+    assert same(merged, engine.generate(prompts[:10], 3, 1.0, cfg.dataset.max_new_tokens, seed=11))
+
+
+@pytest.mark.slow
+def test_finished_shards_are_merged_without_srun(setup, engine, tmp_path):
+    """Killed after every node finished but before the merge: the rerun runs no srun."""
+    cfg, _, prompts = setup
+    from irpo.modeling import encode_prompt
+
+    encoded = [encode_prompt(engine.tokenizer, p) for p in prompts[:4]]
+    two = dataclasses.replace(CFG, nodes=2, shard_dir=str(tmp_path))
+    alloc = Allocation("42", ("n1", "n2"), "10.0.0.1")
+
+    def srun_then_killed(cmd, check):
+        for shard in range(2):
+            run_shard(Path(cmd[-1]), shard, sampler=engine)
+        raise KeyboardInterrupt  # the driver dies before merging
+
+    def no_srun(cmd, check):
+        raise AssertionError("srun started again for finished shards")
+
+    engine.cfg = two
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            generate_on_nodes(engine, encoded, 2, 1.0, 8, 3, alloc=alloc, run=srun_then_killed)
+        merged = generate_on_nodes(engine, encoded, 2, 1.0, 8, 3, alloc=alloc, run=no_srun)
+    finally:
+        engine.cfg = CFG
+    assert same(merged, engine.generate(prompts[:4], 2, 1.0, 8, seed=3))
+
+
 @pytest.mark.slow
 def test_logprobs_agree_with_recomputed_forward(setup, engine):
     """Generation.logprob against irpo.training.logprobs on the same token ids (M0, fp32)."""

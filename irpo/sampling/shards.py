@@ -14,6 +14,15 @@ index, and writes ``shard-k.jsonl`` atomically; the driver then merges the N
 files back into prompt order. Because every prompt's seed depends only on its
 global index, a sharded call returns what one engine would have returned.
 
+Each node's shard resumes by itself. The request's folder is named by a hash of
+the request, so a rerun of the same stage (a re-queued job) finds it again. A
+node works through its shard in chunks of ``sampler.chunk_size`` prompts,
+committed to ``shard-k.tmp/chunks/`` (irpo.chunks) with one engine kept for the
+whole shard; a rerun skips the shards whose ``shard-k.jsonl`` exists and the
+chunks already committed, so a killed node loses at most its chunk in flight.
+The folder is removed once the shards are merged; folders of requests that were
+never rerun (a changed config) stay in ``shard_dir`` until removed by hand.
+
 By hand, e.g. to re-run shard 1 of 2 of a failed call::
 
     python -m irpo.sampling.shards outputs/vllm-shards/<id>/request.json --shard 1
@@ -23,12 +32,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import logging
 import os
 import shutil
 import subprocess
-import uuid
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -72,49 +81,87 @@ def shard_root(shard_dir: str | None, model_path: str) -> Path:
     return model.resolve().parent / "vllm-shards"
 
 
-def write_request(work: Path, sampler: Any, encoded: list[list[int]], n: int, temperature: float,
+def request_dir(root: Path, request: dict) -> Path:
+    """The request's folder under ``root``: named by its content, so a rerun finds it."""
+    digest = hashlib.sha256(json.dumps(request, sort_keys=True).encode()).hexdigest()[:16]
+    return Path(root) / digest
+
+
+def write_request(root: Path, sampler: Any, encoded: list[list[int]], n: int, temperature: float,
                   max_new_tokens: int, seed: int, num_shards: int, first_index: int = 0) -> Path:
-    """The call, as every node's task reads it (``first_index``: of a stage's chunk, irpo.chunks)."""
-    work.mkdir(parents=True, exist_ok=True)
+    """The call, as every node's task reads it, in its folder under ``root`` (kept if there).
+
+    ``first_index``: where the call's prompts start in the stage (irpo.chunks).
+    """
     cfg = dataclasses.asdict(sampler.cfg) if dataclasses.is_dataclass(sampler.cfg) else dict(sampler.cfg)
     request = {"model_path": sampler.model_path, "dtype": sampler.dtype, "sampler": cfg,
                "prompts": encoded, "n": n, "temperature": temperature,
                "max_new_tokens": max_new_tokens, "seed": seed, "num_shards": num_shards,
                "first_index": first_index}
+    work = request_dir(root, request)
     path = work / "request.json"
-    path.write_text(json.dumps(request))
+    if path.is_file():
+        log.info("resuming the sharded call in %s", work)
+        return path
+    work.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(request))
+    os.replace(tmp, path)
     return path
+
+
+def shard_path(request_path: Path, shard: int) -> Path:
+    return Path(request_path).with_name(f"shard-{shard}.jsonl")
 
 
 def run_shard(request_path: Path, shard: int, sampler: Any = None) -> Path:
     """Generate shard ``shard`` of a request into ``shard-<shard>.jsonl`` (atomically).
 
-    ``sampler`` is an engine to use (tests); by default one is started here.
+    Works in committed chunks (irpo.chunks) that a rerun reuses; a finished shard is
+    not redone. ``sampler`` is an engine to use (tests); by default one is started here,
+    and only if something is left to generate.
     """
+    from irpo.chunks import discard_chunks, run_chunks
+
+    out = shard_path(request_path, shard)
+    if out.is_file():
+        log.info("shard %d: already done (%s), skipped", shard, out)
+        return out
     req = json.loads(Path(request_path).read_text())
     start, end = shard_bounds(len(req["prompts"]), req["num_shards"], shard)
-    own = sampler is None
-    if own:
-        from irpo.config import VLLMSamplerConfig
-        from irpo.sampling.vllm import VLLMSampler
+    engine = [sampler]
 
-        cfg = VLLMSamplerConfig(**{**req["sampler"], "nodes": 1})
-        sampler = VLLMSampler(req["model_path"], cfg, req["dtype"])
+    def one_chunk(first: int, part: list[list[int]]) -> list[dict]:
+        if engine[0] is None:
+            engine[0] = _start_engine(req)
+        gens = engine[0].generate_ids(
+            part, req["n"], req["temperature"], req["max_new_tokens"], req["seed"],
+            first_index=req.get("first_index", 0) + start + first,
+            desc=f"shard {shard}/{req['num_shards']} {first}-{first + len(part)}/{end - start}")
+        return [{"index": start + first + i, "samples": [dataclasses.asdict(g) for g in gs]}
+                for i, gs in enumerate(gens)]
+
+    stage = out.with_suffix(".tmp")
     try:
-        gens = sampler.generate_ids(req["prompts"][start:end], req["n"], req["temperature"],
-                                    req["max_new_tokens"], req["seed"],
-                                    first_index=req.get("first_index", 0) + start,
-                                    desc=f"shard {shard}/{req['num_shards']}")
+        records = run_chunks(stage, req["prompts"][start:end], req["sampler"]["chunk_size"],
+                             one_chunk, f"shard{shard}")
     finally:
-        if own:
-            sampler.close()
-    out = Path(request_path).with_name(f"shard-{shard}.jsonl")
-    tmp = out.with_suffix(".tmp")
-    with open(tmp, "w") as f:
-        for i, gs in enumerate(gens, start):
-            f.write(json.dumps({"index": i, "samples": [dataclasses.asdict(g) for g in gs]}) + "\n")
-    tmp.rename(out)
+        if sampler is None and engine[0] is not None:
+            engine[0].close()
+    tmp = out.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
+    os.replace(tmp, out)
+    discard_chunks(stage)
+    stage.rmdir()
     return out
+
+
+def _start_engine(req: dict) -> Any:
+    from irpo.config import VLLMSamplerConfig
+    from irpo.sampling.vllm import VLLMSampler
+
+    cfg = VLLMSamplerConfig(**{**req["sampler"], "nodes": 1})
+    return VLLMSampler(req["model_path"], cfg, req["dtype"])
 
 
 def merge_shards(work: Path, num_prompts: int, num_shards: int) -> list[list[Generation]]:
@@ -145,15 +192,18 @@ def generate_on_nodes(sampler: Any, encoded: list[list[int]], n: int, temperatur
 
     nodes = sampler.cfg.nodes
     alloc = check_allocation(nodes, alloc)
-    work = shard_root(sampler.cfg.shard_dir, sampler.model_path) / uuid.uuid4().hex[:12]
-    request = write_request(work, sampler, encoded, n, temperature, max_new_tokens, seed, nodes,
+    root = shard_root(sampler.cfg.shard_dir, sampler.model_path)
+    request = write_request(root, sampler, encoded, n, temperature, max_new_tokens, seed, nodes,
                             first_index)
-    cmd = per_node_command(["-m", "irpo.sampling.shards", str(request.resolve())],
-                           nodes=nodes, alloc=alloc)
-    log.info("sampling on %d nodes: %s", nodes, " ".join(cmd))
-    run(cmd, check=True)
-    gens = merge_shards(work, len(encoded), nodes)
-    shutil.rmtree(work, ignore_errors=True)
+    if all(shard_path(request, k).is_file() for k in range(nodes)):
+        log.info("every shard of %s is done (an earlier attempt); merging", request.parent)
+    else:
+        cmd = per_node_command(["-m", "irpo.sampling.shards", str(request.resolve())],
+                               nodes=nodes, alloc=alloc)
+        log.info("sampling on %d nodes: %s", nodes, " ".join(cmd))
+        run(cmd, check=True)
+    gens = merge_shards(request.parent, len(encoded), nodes)
+    shutil.rmtree(request.parent, ignore_errors=True)
     return gens
 
 
