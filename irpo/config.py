@@ -39,6 +39,9 @@ class DatasetConfig:
     temperature: list[float] = field(default_factory=lambda: [0.8])
     alpha: float = 1.0  # NLL weight of rpo (method/rpo.yaml reads it); paper: 1
     maj_k: int = 8  # eval.maj_k reads it: samples per test prompt for majority voting
+    # trainer.checkpoints reads it: checkpoints per iteration, evenly spaced; with more than
+    # one, the best on the valid split (held-out training prompts) is kept (the paper's way).
+    checkpoints: int = 1
 
 
 @dataclass
@@ -350,6 +353,11 @@ def validate(cfg: Config) -> None:
             f"trainer.grad_accum={cfg.trainer.grad_accum}",
         ),
         (cfg.trainer.checkpoints >= 1, f"trainer.checkpoints={cfg.trainer.checkpoints} must be >= 1"),
+        (
+            cfg.trainer.checkpoints == 1 or (cfg.dataset.valid_size or 0) >= 1,
+            f"trainer.checkpoints={cfg.trainer.checkpoints} picks the best checkpoint on the valid "
+            f"split, but dataset.valid_size={cfg.dataset.valid_size} holds no prompts",
+        ),
         (cfg.sampler.chunk_size >= 1, f"sampler.chunk_size={cfg.sampler.chunk_size} must be >= 1"),
         (cfg.trainer.ref_check_pairs >= 0,
          f"trainer.ref_check_pairs={cfg.trainer.ref_check_pairs} must be >= 0 (0 disables the check)"),
