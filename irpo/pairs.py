@@ -15,7 +15,8 @@ and the "pair" stage turns them into the examples the trainer reads::
 
 - ``"pairs"`` (dpo, rpo): K (winner, loser) pairs per prompt, winners = distinct
   correct samples (plus the gold CoT, first, when configured), losers = distinct
-  incorrect samples, paired by :func:`wraparound_pairs` -> ``{id, prompt, chosen, rejected}``,
+  incorrect samples, paired by :func:`wraparound_pairs` (the paper's walk down both lists,
+  skipping a combination already taken) -> ``{id, prompt, chosen, rejected}``,
   plus ``chosen_ref_logprob`` and ``rejected_ref_logprob`` when the sampler returned
   log-probs for the prompt's samples (``sample.logprob``, sampler=vllm with
   return_logprobs): the sampled model M(t-1) is the reference of the training that
@@ -47,16 +48,35 @@ class NoTrainingData(RuntimeError):
 
 
 def wraparound_pairs(winners: list[str], losers: list[str], k: int) -> list[tuple[str, str]]:
-    """K pairs walking both lists together, restarting a list from its top when it runs out.
+    """K (winner, loser) pairs walking both lists together, distinct while distinct ones remain.
 
-    Pair i = (winners[i % len(winners)], losers[i % len(losers)]) for i = 0..k-1, so
-    every winner and every loser is used before any is reused; [] if either list is empty.
+    The paper's walk: pair i = (winners[i % W], losers[i % L]), restarting a list from its
+    top when it runs out, so every winner and every loser is used before any is reused.
+    Alone, that walk repeats after lcm(W, L) pairs (5 winners x 5 losers: 5 distinct pairs
+    however large K is), though W x L combinations exist. So when the walk reaches a
+    combination already taken, the loser index moves on by one, for this pair and every
+    later one (pair i uses losers[(i + shift) % L]), until a free combination comes up. The
+    first lcm(W, L) pairs are the paper's exactly; up to W x L pairs are then all distinct
+    (winner i % W always has a free loser: winners take turns, so its row fills last); only
+    when K exceeds W x L does the sequence repeat, from its start. [] if either list is empty.
     """
     if k < 0:
         raise ValueError(f"wraparound_pairs: k={k} must be >= 0")
     if not winners or not losers:
         return []
-    return [(winners[i % len(winners)], losers[i % len(losers)]) for i in range(k)]
+    n_w, n_l = len(winners), len(losers)
+    distinct: list[tuple[int, int]] = []
+    taken: set[tuple[int, int]] = set()
+    shift = 0
+    while len(distinct) < min(k, n_w * n_l):
+        i = len(distinct)
+        combination = (i % n_w, (i + shift) % n_l)
+        if combination in taken:
+            shift += 1  # skip it: the same winner with the next loser
+            continue
+        taken.add(combination)
+        distinct.append(combination)
+    return [(winners[w], losers[lo]) for w, lo in (distinct[i % len(distinct)] for i in range(k))]
 
 
 @dataclass

@@ -45,6 +45,47 @@ def test_wraparound_covers_every_combination_when_lengths_are_coprime():
     assert len(set(pairs)) == 6
 
 
+def W(*idx: int) -> list[str]:
+    return [f"w{i}" for i in idx]
+
+
+def test_wraparound_takes_distinct_pairs_while_there_are_some():
+    """5 winners x 5 losers, K = 10: the paper's walk gives (wi, li) for i = 0..4, then
+    (w0, l0) again; it is taken, so the losers move on by one: (w0, l1), (w1, l2), ...
+    (hand-derived; the plain walk would repeat the first 5 pairs)."""
+    ws, ls = [f"w{i}" for i in range(5)], [f"l{i}" for i in range(5)]
+    want = [("w0", "l0"), ("w1", "l1"), ("w2", "l2"), ("w3", "l3"), ("w4", "l4"),
+            ("w0", "l1"), ("w1", "l2"), ("w2", "l3"), ("w3", "l4"), ("w4", "l0")]
+    got = wraparound_pairs(ws, ls, 10)
+    assert got == want and len(set(got)) == 10
+
+
+def test_wraparound_skips_within_a_later_round_too():
+    """3 winners x 6 losers (lcm 6), K = 12: six paper pairs, then (w0, l0) is taken and the
+    shift of one stays for the rest: (w0, l1), (w1, l2), (w2, l3), (w0, l4), (w1, l5), (w2, l0)."""
+    got = wraparound_pairs(W(0, 1, 2), [f"l{i}" for i in range(6)], 12)
+    assert got == [("w0", "l0"), ("w1", "l1"), ("w2", "l2"), ("w0", "l3"), ("w1", "l4"),
+                   ("w2", "l5"), ("w0", "l1"), ("w1", "l2"), ("w2", "l3"), ("w0", "l4"),
+                   ("w1", "l5"), ("w2", "l0")]
+
+
+def test_wraparound_repeats_only_beyond_every_combination():
+    """2 x 4 = 8 combinations: K = 8 takes each once (walk, then shift at i = 4); K = 11
+    repeats the sequence from its start for pairs 9-11."""
+    first8 = [("w0", "l0"), ("w1", "l1"), ("w0", "l2"), ("w1", "l3"),
+              ("w0", "l1"), ("w1", "l2"), ("w0", "l3"), ("w1", "l0")]
+    ls = [f"l{i}" for i in range(4)]
+    assert wraparound_pairs(W(0, 1), ls, 8) == first8
+    assert wraparound_pairs(W(0, 1), ls, 11) == first8 + first8[:3]
+    assert wraparound_pairs(["w0"], ["l0"], 3) == [("w0", "l0")] * 3  # one combination only
+    for n_w in range(1, 6):  # any sizes: min(K, W x L) distinct, every winner used in turn
+        for n_l in range(1, 6):
+            for k in range(1, 2 * n_w * n_l + 2):
+                got = wraparound_pairs(W(*range(n_w)), [f"l{i}" for i in range(n_l)], k)
+                assert len(got) == k and len(set(got)) == min(k, n_w * n_l), (n_w, n_l, k)
+                assert [w for w, _ in got] == [f"w{i % n_w}" for i in range(k)]
+
+
 def test_wraparound_short_k_and_empty_lists():
     assert wraparound_pairs(["w0", "w1", "w2"], ["l0", "l1"], 1) == [("w0", "l0")]
     assert wraparound_pairs(["w0"], ["l0"], 0) == []
