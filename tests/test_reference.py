@@ -34,7 +34,7 @@ def recomputed_refs(path, pairs) -> list[tuple[float, float]]:
     """(chosen, rejected) reference log-probs as the torch trainer computes them (batches of 8)."""
     model, tok = load_model(path)
     toks, _ = tokenize_examples(tok, pairs, context_length(model))
-    chosen, rejected = reference_logprobs(model, toks, tok.pad_token_id, 8, share_prompt=True)
+    chosen, rejected = reference_logprobs(model, toks, tok.pad_token_id, 8)
     return list(zip(chosen.tolist(), rejected.tolist()))
 
 
@@ -189,7 +189,7 @@ def test_a_response_in_several_pairs_is_scored_once(tiny_ckpt):  # noqa: F811
 
     def score(part):
         scored.append(len(part))
-        return reference_logprobs(model, part, tok.pad_token_id, 8, share_prompt=True)
+        return reference_logprobs(model, part, tok.pad_token_id, 8, layout="shared_prefix")
 
     tcfg = TrainerConfig(name="t", ref_check_pairs=0)
     (chosen, rejected), info = stage_reference(toks, score, tcfg, [p["id"] for p in dup], 0)

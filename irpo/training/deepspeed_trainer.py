@@ -29,7 +29,9 @@ Two halves:
   rank scores its shard; the shards are all-gathered.
   Every step's batch (the torch trainer's batch order) is split evenly over
   the ranks; DeepSpeed averages gradients across ranks and accumulation steps,
-  which is the torch trainer's batch mean. Checkpoints are full Hugging Face
+  which is the torch trainer's batch mean. A rank's micro-batch is packed into one
+  row without padding, each pair's prompt once (irpo.training.packing), so it is one
+  forward call: under ZeRO-3 one gathering of the parameters, as before. Checkpoints are full Hugging Face
   directories: under ZeRO-3 the weights are gathered one layer at a time
   (``stage3_gather_16bit_weights_on_model_save``) in the model's own dtype,
   float32 included, so the next stage loads what was trained.
@@ -50,9 +52,7 @@ import logging
 import os
 import pickle
 import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -70,6 +70,7 @@ from irpo.training.resume import (
     ds_save_state,
 )
 from irpo.training.torch_trainer import (
+    LAYOUT,
     MetricsFn,
     accumulate_metrics,
     batch_order,
@@ -160,7 +161,8 @@ def train(cfg, init_path: Path, examples: list[dict], out_dir: Path,
 
 def _run_streaming(cmd: list[str], env: dict, metrics_file: Path, on_record) -> None:
     """Run ``cmd``; hand each line rank 0 appends to ``metrics_file`` to ``on_record`` as it comes."""
-    proc = subprocess.Popen(cmd, env=env)
+    from irpo.node_tasks import NodeTaskFailed, run_tasks
+
     offset = 0
 
     def drain() -> None:
@@ -175,20 +177,12 @@ def _run_streaming(cmd: list[str], env: dict, metrics_file: Path, on_record) -> 
         for line in complete.decode().splitlines():
             on_record(json.loads(line))
 
-    try:
-        while proc.poll() is None:
-            time.sleep(2)
-            drain()
-    except BaseException:
-        proc.terminate()  # torchrun passes it on to its workers
-        proc.wait(timeout=60)
-        raise
-    drain()
-    if proc.returncode != 0:
-        raise RuntimeError(f"trainer=deepspeed: the workers failed (exit {proc.returncode}; "
-                           f"{STOPPED_EXIT}: stopped by a signal after saving a step checkpoint, "
-                           f"which a rerun resumes from); their output is above. "
-                           f"Command: {' '.join(cmd)}")
+    try:  # an exception here (a signal) terminates torchrun, which passes it on to its workers
+        run_tasks(cmd, "trainer=deepspeed: the workers", env=env, poll=drain)
+    except NodeTaskFailed as err:
+        raise NodeTaskFailed(f"{err} (exit {STOPPED_EXIT}: stopped by a signal after saving a "
+                             f"step checkpoint, which a rerun resumes from). Command: "
+                             f"{' '.join(cmd)}", err.node, err.task, err.rank) from None
 
 
 # ------------------------------------------------------------------ each worker process
@@ -205,6 +199,11 @@ def _setup(backend: str):
     if backend == "nccl":
         torch.cuda.set_device(local_rank)
     deepspeed.init_distributed(dist_backend=backend)
+    import torch.distributed as dist
+
+    log.info("deepspeed rank %d of %d on node %s (local rank %d)", dist.get_rank(),
+             dist.get_world_size(), os.environ.get("SLURMD_NODENAME", os.uname().nodename),
+             local_rank)
     return get_accelerator().device_name(local_rank) if backend == "nccl" else "cpu"
 
 
@@ -223,7 +222,8 @@ def sharded_reference_logprobs(model, toks, pad_id: int, batch_size: int, device
     per_rank = -(-len(toks) // world)
     shard = toks[rank::world]
     shard = shard + [toks[0]] * (per_rank - len(shard))
-    refs = reference_logprobs(model, shard, pad_id, batch_size, device=device, show_progress=rank == 0)
+    refs = reference_logprobs(model, shard, pad_id, batch_size, device=device, show_progress=rank == 0,
+                              layout=LAYOUT)
     gathered = []
     for part in refs:
         if part is None:

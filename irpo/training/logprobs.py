@@ -4,6 +4,13 @@ Used by every trainer backend for the policy, and once per iteration for the
 reference model: the policy starts from M(t-1), which is also the reference,
 so reference log-probs are computed by one pass over the training data before
 the first update, and training then needs a single forward per step.
+
+Three layouts of the same computation (:func:`examples_logprobs`): ``packed`` (the
+trainers' default: one row, no padding, each pair's prompt once; irpo.training.packing),
+``shared_prefix`` (padded prompts once, then padded responses on their KV cache;
+irpo.training.shared_prefix) and ``two_rows`` (every sequence a padded row,
+irpo.training.data.pair_batch). They agree up to float rounding; the last two stay as the
+references the tests and benchmarks compare the packed one with.
 """
 
 from __future__ import annotations
@@ -13,7 +20,10 @@ from tqdm.auto import tqdm
 
 from irpo.losses import sequence_logprobs
 from irpo.training.data import TokenizedExample, pair_batch
+from irpo.training.packing import packed_logprobs
 from irpo.training.shared_prefix import pair_logprobs
+
+LAYOUTS = ("packed", "shared_prefix", "two_rows")
 
 
 def batch_logprobs(model, batch: dict[str, torch.Tensor], device=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -24,6 +34,18 @@ def batch_logprobs(model, batch: dict[str, torch.Tensor], device=None) -> tuple[
     return sequence_logprobs(logits, batch["labels"])
 
 
+def examples_logprobs(model, examples: list[TokenizedExample], pad_id: int, device=None,
+                      layout: str = "packed") -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed response log-probs, response lengths): chosen rows, then rejected rows if any."""
+    if layout == "packed":
+        return packed_logprobs(model, examples, device)
+    if layout == "shared_prefix":
+        return pair_logprobs(model, examples, pad_id, device)
+    if layout == "two_rows":
+        return batch_logprobs(model, pair_batch(examples, pad_id), device)
+    raise ValueError(f"layout={layout!r} is not one of {', '.join(LAYOUTS)}")
+
+
 # no_grad, not inference_mode: under DeepSpeed ZeRO-3 this forward gathers
 # parameters, and small ones stay gathered; created in inference mode they
 # would be inference tensors, and the first training step fails ("Inference
@@ -32,12 +54,12 @@ def batch_logprobs(model, batch: dict[str, torch.Tensor], device=None) -> tuple[
 def reference_logprobs(
     model, examples: list[TokenizedExample], pad_id: int, batch_size: int,
     desc: str = "reference log-probs", device=None, show_progress: bool = True,
-    share_prompt: bool = False,
+    layout: str = "packed",
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Reference log-probs of every chosen (and rejected) response, in example order.
 
-    ``share_prompt``: run each pair's prompt once (irpo.training.shared_prefix); use it
-    exactly when the training steps do, so policy and reference see the same arithmetic.
+    ``layout`` (see :func:`examples_logprobs`): the one the training steps use, so policy and
+    reference see the same arithmetic; ``batch_size`` pairs per forward.
     """
     was_training = model.training
     model.eval()
@@ -45,10 +67,7 @@ def reference_logprobs(
     starts = range(0, len(examples), batch_size)
     for start in tqdm(starts, desc=desc, unit="batch", disable=not show_progress):
         part = examples[start : start + batch_size]
-        if share_prompt:
-            logps, _ = pair_logprobs(model, part, pad_id, device)
-        else:
-            logps, _ = batch_logprobs(model, pair_batch(part, pad_id), device)
+        logps, _ = examples_logprobs(model, part, pad_id, device, layout)
         chosen.append(logps[: len(part)])
         if part[0].rejected is not None:
             rejected.append(logps[len(part) :])

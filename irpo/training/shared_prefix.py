@@ -10,11 +10,10 @@ rounding, for (P + 2R) / (2P + 2R) of the token FLOPs (P, R: prompt and response
 
     logps, lengths = pair_logprobs(model, examples, pad_id)   # [2B]: chosen rows, then rejected
 
-— the layout of ``batch_logprobs(model, pair_batch(examples, pad_id))``, which it replaces
-for pairs in the torch trainer (``micro_loss(..., share_prompt=True)`` and its reference
-pass). The DeepSpeed trainer keeps two rows: under ZeRO-3 every forward call gathers the
-parameters, and two calls per micro-batch may cost more than they save on a multi-node
-run (unmeasured). Prompts are right-padded, so no query row is fully masked, and every response
+— the layout of ``batch_logprobs(model, pair_batch(examples, pad_id))``. The trainers now
+use irpo.training.packing (the prompt once too, and no padding at all, in one forward call);
+this padded layout stays selectable (``micro_loss(..., layout="shared_prefix")``) as the
+computation the packed one is tested and benchmarked against. Prompts are right-padded, so no query row is fully masked, and every response
 token gets its true position (``position_ids``), so rotary embeddings see the same positions
 as in the two-row forward.
 """

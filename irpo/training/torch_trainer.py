@@ -4,7 +4,7 @@ One training stage: M(t) starts from M(t-1), which is also the reference.
 Reference log-probs are taken from the sampler where it returned them and computed
 once up front for the rest (irpo.training.reference); each optimiser step then does
 one forward of chosen and rejected responses together (each pair's prompt run
-once, irpo.training.shared_prefix: ~1.35x faster on arith pairs), the DPO + alpha*NLL
+once and no padding: the micro-batch packed into one row, irpo.training.packing), the DPO + alpha*NLL
 loss of irpo.losses, gradient accumulation, clipping, AdamW, and a warm-up
 then decay schedule from ``transformers.get_scheduler``. Checkpoints are saved
 at evenly spaced steps; the caller picks the best on validation. The model, its
@@ -25,15 +25,17 @@ from transformers import get_scheduler
 
 from irpo.losses import preference_loss
 from irpo.modeling import context_length, load_model, resolve_device
-from irpo.training.data import pair_batch, tokenize_examples
-from irpo.training.logprobs import batch_logprobs, reference_logprobs
+from irpo.training.data import tokenize_examples
+from irpo.training.logprobs import examples_logprobs, reference_logprobs
 from irpo.training.reference import stage_reference
 from irpo.training.resume import StepSaver, StopOnSignal, discard, load_state, restore, save_state
-from irpo.training.shared_prefix import pair_logprobs
 
 log = logging.getLogger(__name__)
 
 MetricsFn = Callable[[dict[str, float], int], None]
+# How both trainers lay out a micro-batch (irpo.training.logprobs.LAYOUTS): packed, one row
+# without padding. The padded layouts stay selectable for the tests and benchmarks.
+LAYOUT = "packed"
 
 
 def plan_steps(num_examples: int, tcfg) -> int:
@@ -64,18 +66,16 @@ def nll_weight(cfg) -> float:
     return cfg.alpha if cfg.method.dpo else 1.0
 
 
-def micro_loss(model, micro, refs, cfg, pad_id: int, device=None, share_prompt: bool = False):
-    """Forward of one micro-batch (chosen and rejected rows together) and its LossOutput.
+def micro_loss(model, micro, refs, cfg, pad_id: int, device=None, layout: str | None = None):
+    """Forward of one micro-batch (chosen and rejected responses together) and its LossOutput.
 
     Shared by every backend; the caller runs backward (the torch trainer scales
     the loss itself, DeepSpeed's engine scales by its accumulation steps).
-    ``share_prompt``: a pair's prompt runs once (irpo.training.shared_prefix), about
-    0.7x the FLOPs of the two-row forward on the arithmetic task, same loss and gradients.
+    ``layout`` (default :data:`LAYOUT`, packed): how the micro-batch is laid out for the
+    forward (irpo.training.logprobs.examples_logprobs); every layout gives the same loss
+    and gradients up to float rounding.
     """
-    if share_prompt:
-        logps, lengths = pair_logprobs(model, micro, pad_id, device)
-    else:
-        logps, lengths = batch_logprobs(model, pair_batch(micro, pad_id), device)
+    logps, lengths = examples_logprobs(model, micro, pad_id, device, layout or LAYOUT)
     b = len(micro)
     kwargs = {}
     if cfg.method.dpo:
@@ -156,7 +156,7 @@ def train(cfg, init_path: Path, examples: list[dict], out_dir: Path,
     elif cfg.method.dpo:
         refs_all, ref_info = stage_reference(
             toks, lambda part: reference_logprobs(model, part, pad_id, tcfg.batch_size,
-                                                  device=device, share_prompt=True),
+                                                  device=device, layout=LAYOUT),
             tcfg, example_ids(examples), seed)
     refs_all = tuple(r.to(device) for r in refs_all) if refs_all is not None else None
     model.train()
@@ -202,8 +202,7 @@ def _step(model, optimizer, scheduler, toks, refs_all, idx, cfg, pad_id, device,
     sums: dict[str, float] = {}
     for part in parts:
         refs = (refs_all[0][part], refs_all[1][part]) if refs_all else None
-        out, logps, b = micro_loss(model, [toks[i] for i in part], refs, cfg, pad_id,
-                                   device=device, share_prompt=True)
+        out, logps, b = micro_loss(model, [toks[i] for i in part], refs, cfg, pad_id, device=device)
         (out.loss * (len(part) / len(idx))).backward()
         accumulate_metrics(sums, out, logps, b, refs, len(part) / len(idx))
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.max_grad_norm)
