@@ -335,6 +335,18 @@ class MathTask(HubTask):
             return False
         return pred is not None and is_equal(pred, gold_answer)
 
+    def vote_key(self, answer: str) -> str:
+        """maj@k's cheap canonical form (irpo.evaluate.majority): the MATH repository's
+        normalisation, under which ``\\dfrac12``, ``0.5`` and ``1/2`` are ``\\frac{1}{2}``."""
+        try:
+            return hendrycks_normalise(answer)
+        except Exception:  # noqa: BLE001  # untrusted text: the answer as written
+            return answer
+
+    def same_answer(self, a: str, b: str) -> bool:
+        """maj@k's costly equality of two answers of different keys (bounded, never raises)."""
+        return is_equal(a, b)
+
 
 class Math500Task(MathTask):
     """MATH train prompts; the PRM800K 500-problem test subset as ``test``."""
