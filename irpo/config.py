@@ -126,6 +126,9 @@ class HFSamplerConfig(SamplerConfig):
     """transformers ``generate`` in the driver (irpo/sampling/hf.py)."""
 
     device: str = "auto"  # auto: the GPU if there is one, else the CPU; or cpu, cuda, cuda:1
+    # Generation.logprob (the model's own log-prob of each sample) and score() for gold CoT
+    # winners: the next stage's DPO reference without a reference pass (irpo/training/reference.py).
+    return_logprobs: bool = True
 
 
 @dataclass
@@ -173,8 +176,8 @@ class TrainerConfig:
     # Keep only each decoder layer's input in the forward and recompute the rest in the
     # backward (one extra forward): a 70B model's activations then fit (docs/cluster.md).
     gradient_checkpointing: bool = False
-    # Reference log-probs of DPO from the sampler where it returned them (sampler=vllm,
-    # return_logprobs; irpo/training/reference.py): no reference forward for those responses.
+    # Reference log-probs of DPO from the sampler where it returned them (sampler.return_logprobs:
+    # hf's default, vllm's option; irpo/training/reference.py): no reference forward for those.
     sampler_ref_logprobs: bool = True
     ref_check_pairs: int = 8  # pairs whose sampler log-probs are recomputed and compared; 0: none
     ref_check_tolerance: float = 1e-2  # max |sampler - recomputed| summed log-prob, else fail

@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from irpo.builtin_model import build_model, build_tokenizer
-from irpo.config import ArithConfig, ModelConfig, SamplerConfig
+from irpo.config import ArithConfig, HFSamplerConfig, ModelConfig, SamplerConfig
 from irpo.sampling import Generation, build_sampler
+from irpo.modeling import encode_prompt, encode_response, load_model
 from irpo.sampling.hf import HFSampler
 from irpo.tasks.arith import build_arith
 
@@ -22,7 +23,7 @@ CFG = SamplerConfig(name="hf", batch_size=8)
 
 
 @pytest.fixture(scope="module")
-def sampler(tmp_path_factory):
+def model_dir(tmp_path_factory):
     """An untrained Llama with large random weights, saved as an HF checkpoint.
 
     Untrained on purpose: a briefly trained tiny model answers every prompt
@@ -40,7 +41,12 @@ def sampler(tmp_path_factory):
     path = tmp_path_factory.mktemp("random-llama")
     model.save_pretrained(path)
     tok.save_pretrained(path)
-    s = build_sampler(CFG, str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def sampler(model_dir):
+    s = build_sampler(CFG, str(model_dir))
     yield s
     s.close()
 
@@ -116,3 +122,65 @@ def test_argument_errors(sampler, prompts):
         sampler.generate(too_long, 1, 0.0, 8, seed=0)
     with pytest.raises(ValueError, match="prompt 0 has"):
         sampler.generate(prompts[:1], 1, 0.0, 510, seed=0)
+
+
+def teacher_forced(model, prompt_ids: list[int], response_ids: list[int]) -> float:
+    """Summed log-prob of the response ids after the prompt's: one unpadded forward, plain log-softmax."""
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([prompt_ids + response_ids])).logits[0].double()
+    return float(logits.log_softmax(-1)[len(prompt_ids) - 1 : -1]
+                 .gather(-1, torch.tensor(response_ids)[:, None]).sum())
+
+
+@pytest.fixture(scope="module")
+def logprob_sampler(model_dir):
+    s = build_sampler(HFSamplerConfig(name="hf", batch_size=8, device="cpu", return_logprobs=True),
+                      str(model_dir))
+    yield s
+    s.close()
+
+
+def test_sampled_logprobs_equal_teacher_forcing_untempered(logprob_sampler, prompts):
+    """Each sampled token's log-prob as hf records it is the model's own (temperature 1), as an
+    unpadded forward gives it, though the batch was left padded and sampled at temperature 0.7."""
+    s = logprob_sampler
+    model, _ = load_model(s.model.name_or_path)
+    batch = [encode_prompt(s.tokenizer, p) for p in prompts]
+    assert len({len(ids) for ids in batch}) > 1  # prompts of several lengths: left padding
+    rows, steps = s._sample_ids(batch, 2, 0.7, 12, seed=0)
+    worst, tempered_gap = 0.0, 0.0
+    for i, (row, lp) in enumerate(zip(rows, steps)):
+        prompt = batch[i // 2]
+        end = next((k + 1 for k, t in enumerate(row) if t in s.eos_ids), len(row))
+        expected = teacher_forced(model, prompt, row[:end])
+        worst = max(worst, abs(sum(lp[:end]) - expected))
+        with torch.no_grad():  # the same tokens under the tempered distribution
+            logits = model(input_ids=torch.tensor([prompt + row[:end]])).logits[0, len(prompt) - 1 : -1]
+        tempered = (logits / 0.7).log_softmax(-1).gather(-1, torch.tensor(row[:end])[:, None]).sum()
+        tempered_gap = max(tempered_gap, abs(sum(lp[:end]) - float(tempered)))
+    assert worst < 1e-4, worst
+    assert tempered_gap > 0.1
+
+
+def test_decode_keeps_the_logprob_of_exactly_the_trained_ids(logprob_sampler):
+    s, eos = logprob_sampler, logprob_sampler.tokenizer.eos_token_id
+    ids = s.tokenizer(" 1 + 2 = 3.", add_special_tokens=False)["input_ids"]
+    steps = [-0.5] * len(ids) + [-0.25, -9.0]  # the last one: padding after EOS, left out
+    assert s._decode(ids + [eos, eos], steps).logprob == pytest.approx(-0.5 * len(ids) - 0.25)
+    assert s._decode(ids, steps).logprob is None  # unfinished: the trainer's EOS was never sampled
+
+
+def test_score_equals_teacher_forcing(logprob_sampler, prompts):
+    s = logprob_sampler
+    model, _ = load_model(s.model.name_or_path)
+    responses = [" 1 + 2 = 3. Final answer: 3", " 40 - 2 = 38. Final answer: 38"] * 4
+    values = s.score(prompts[:8], responses)
+    for p, r, v in zip(prompts, responses, values):
+        expected = teacher_forced(model, encode_prompt(s.tokenizer, p), encode_response(s.tokenizer, r))
+        assert v == pytest.approx(expected, abs=1e-4)
+    assert s.score(prompts[:1], ["word " * 600]) == [None]  # past the context: the trainer cuts it
+    assert s.model.config._attn_implementation == "sdpa"  # generate() keeps its attention
+
+
+def test_no_logprobs_unless_asked(sampler, prompts):
+    assert all(g.logprob is None for gens in sampler.generate(prompts, 2, 1.0, 40, seed=0) for g in gens)

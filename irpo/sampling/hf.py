@@ -13,6 +13,18 @@ penalties are deliberately not applied: IRPO samples from the model itself).
 Batch ``b`` is seeded with ``seed + first_index + b``, so a call is reproducible for
 a given seed, prompt list and batch size (``first_index``: where a chunk of a stage's
 prompts starts, irpo.chunks; 0 for a whole list, whose seeds are then ``seed + b``).
+
+Log-probs (``return_logprobs``, on by default), as ``sampler=vllm`` gives them:
+``Generation.logprob`` is the summed log-prob of the sampled tokens under the model itself
+(temperature 1, no top-p: the logits before any warper), read off the logits that decoding
+computes anyway (:class:`SampledLogprobs`, one [rows, vocab] step at a time), so the next
+iteration's trainer needs no reference pass. None where the trainer would score other ids
+(the response hit max_new_tokens, or re-encoding the text gives other ids). The batch is
+left padded; the model masks the pads and takes positions from the mask, so the values are
+those of an unpadded forward up to float rounding: within 1e-4 of the trainer's teacher-forced
+forward on the tests' pairs, far inside ``trainer.ref_check_tolerance`` (0.01), which checks
+a sample of them every stage. :meth:`HFSampler.score` scores responses it did not sample
+(the driver's gold CoT winners) with the trainer's packed forward (irpo.training.packing).
 """
 
 from __future__ import annotations
@@ -23,8 +35,16 @@ from typing import Any
 
 import torch
 from tqdm.auto import tqdm
+from transformers import LogitsProcessor
 
-from irpo.modeling import context_length, encode_prompt, eos_token_ids, load_model, resolve_device
+from irpo.modeling import (
+    context_length,
+    encode_prompt,
+    encode_response,
+    eos_token_ids,
+    load_model,
+    resolve_device,
+)
 from irpo.sampling import Generation
 
 log = logging.getLogger(__name__)
@@ -69,9 +89,17 @@ class HFSampler:
                     f"exceeds the model's context of {self.context} positions"
                 )
 
-    @torch.inference_mode()
     def _generate_batch(self, batch: list[list[int]], n: int, temperature: float,
                         max_new_tokens: int, seed: int) -> list[list[Generation]]:
+        rows, steps = self._sample_ids(batch, n, temperature, max_new_tokens, seed)
+        gens = [self._decode(row, steps[i] if steps else None) for i, row in enumerate(rows)]
+        return [gens[p * n : (p + 1) * n] for p in range(len(batch))]
+
+    @torch.inference_mode()
+    def _sample_ids(self, batch: list[list[int]], n: int, temperature: float, max_new_tokens: int,
+                    seed: int) -> tuple[list[list[int]], list[list[float]] | None]:
+        """Generated ids per row (row p*n + j: sample j of prompt p; after EOS: padding) and,
+        with ``return_logprobs``, each token's log-prob under the model."""
         from transformers import GenerationConfig
 
         pad = self.tokenizer.pad_token_id
@@ -94,16 +122,21 @@ class HFSampler:
             **({"temperature": temperature, "top_p": self.cfg.top_p, "top_k": 0} if sampling else {}),
         )
         torch.manual_seed(seed)
+        recorder = SampledLogprobs() if self.return_logprobs else None
         out = self.model.generate(
             input_ids=input_ids.to(self.device),
             attention_mask=mask.to(self.device),
             generation_config=config,
+            **({"logits_processor": [recorder]} if recorder else {}),
         )
-        rows = out[:, width:].tolist()  # row p*n + j is sample j of prompt p
-        gens = [self._decode(row) for row in rows]
-        return [gens[p * n : (p + 1) * n] for p in range(len(batch))]
+        steps = recorder.finish(out).cpu().tolist() if recorder else None  # [rows][new tokens]
+        return out[:, width:].tolist(), steps
 
-    def _decode(self, tokens: list[int]) -> Generation:
+    @property
+    def return_logprobs(self) -> bool:
+        return bool(getattr(self.cfg, "return_logprobs", False))
+
+    def _decode(self, tokens: list[int], step_logprobs: list[float] | None = None) -> Generation:
         # Everything after the first EOS is padding added once the row finished.
         for k, token in enumerate(tokens):
             if token in self.eos_ids:
@@ -112,13 +145,72 @@ class HFSampler:
         else:
             finished = False
         text = self.tokenizer.decode(tokens, skip_special_tokens=True)
-        return Generation(text=text, num_tokens=len(tokens), finished=finished)
+        logprob = None
+        # As vLLM's: only where the trainer will score exactly these ids (EOS included).
+        if step_logprobs is not None and finished and encode_response(self.tokenizer, text) == tokens:
+            logprob = float(sum(step_logprobs[: len(tokens)]))
+        return Generation(text=text, num_tokens=len(tokens), finished=finished, logprob=logprob)
+
+    @torch.no_grad()
+    def score(self, prompts: list[str], responses: list[str], desc: str = "scoring") -> list[float | None]:
+        """Summed log-prob of each response after its prompt, as :attr:`Generation.logprob`.
+
+        The ids are ``encode_prompt(prompt) + encode_response(response)``, what the trainer
+        scores, in the trainer's packed forward (``batch_size`` sequences per row); None where
+        the sequence does not fit the model's context (the trainer cuts such responses).
+        """
+        from irpo.training.data import TokenizedExample
+        from irpo.training.packing import packed_logprobs
+
+        seqs = [(encode_prompt(self.tokenizer, p), encode_response(self.tokenizer, r))
+                for p, r in zip(prompts, responses, strict=True)]
+        fits = [i for i, (p, r) in enumerate(seqs) if self.context is None or len(p) + len(r) <= self.context]
+        values: list[float | None] = [None] * len(seqs)
+        previous = self.model.config._attn_implementation
+        try:
+            for start in tqdm(range(0, len(fits), self.cfg.batch_size), desc=desc, mininterval=1.0):
+                part = fits[start : start + self.cfg.batch_size]
+                logps, _ = packed_logprobs(self.model, [TokenizedExample(*seqs[i]) for i in part], self.device)
+                for i, v in zip(part, logps.tolist()):
+                    values[i] = v
+        finally:
+            self.model.set_attn_implementation(previous)  # generate() keeps its own attention
+        return values
 
     def close(self) -> None:
         self.model = None
         gc.collect()
         if self.device.type == "cuda":  # the train stage that follows needs the memory back
             torch.cuda.empty_cache()
+
+
+class SampledLogprobs(LogitsProcessor):
+    """A logits processor that records each sampled token's log-prob under the raw logits.
+
+    ``generate`` runs custom processors before its sampling warpers (temperature, top-p), so
+    the scores seen here are the model's own. The token drawn from step t's distribution is
+    only known at step t + 1 (the last column of ``input_ids``), so one step's log-softmax is
+    kept until then; :meth:`finish` reads the last token from the output.
+    """
+
+    def __init__(self):
+        self.previous: torch.Tensor | None = None  # [rows, vocab] log-softmax of the last step
+        self.steps: list[torch.Tensor] = []  # [rows] per generated token
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        self._take(input_ids[:, -1])
+        self.previous = torch.log_softmax(scores.float(), dim=-1)
+        return scores
+
+    def _take(self, tokens: torch.Tensor) -> None:
+        if self.previous is not None:
+            self.steps.append(self.previous.gather(1, tokens[:, None])[:, 0])
+        self.previous = None
+
+    def finish(self, sequences: torch.Tensor) -> torch.Tensor:
+        """[rows, new tokens] log-probs of the generated tokens (after EOS: of the padding)."""
+        self._take(sequences[:, -1])
+        return torch.stack(self.steps, dim=1)
 
 
 def _check_args(n: int, temperature: float, max_new_tokens: int, batch_size: int) -> None:

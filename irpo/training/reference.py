@@ -1,7 +1,8 @@
 """Reference log-probs of a training stage: the sampler's where it gave them, a forward for the rest.
 
 M(t-1) generated the samples of iteration t and is the reference of its training
-(the same model). With ``sampler=vllm sampler.return_logprobs=true`` the sampler returns
+(the same model). With ``sampler.return_logprobs`` (sampler=hf's default; sampler=vllm
+when set) the sampler returns
 the summed log-prob of each response it can vouch for; irpo.pairs carries them into the
 pairs (``chosen_ref_logprob``, ``rejected_ref_logprob``) and irpo.training.data onto the
 TokenizedExample (``chosen_ref``, ``rejected_ref``; dropped for a response cut to the
