@@ -26,6 +26,7 @@ from irpo.chunks import discard_chunks, run_chunks, stage_chunk_size
 from irpo.config import Config, ConfigError, temperature_at
 from irpo.evaluate import evaluate
 from irpo.modeling import resolve_device
+from irpo.node_tasks import check_shared_folders
 from irpo.pairs import NoTrainingData, build_examples, pool_examples
 from irpo.record import StepLog, run_record, stage_record, write_run_summary
 from irpo.rundir import KILL_AT_STEP_ENV, RunDir, config_hash, read_jsonl, write_jsonl
@@ -331,6 +332,10 @@ def run(cfg: Config, raw: DictConfig) -> dict:
     is refused (irpo.runlock); the tracker publishes what the run directory records.
     """
     task, splits = check_inputs(cfg)
+    try:
+        check_shared_folders(cfg)  # stages on several nodes hand files through these
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     tracker = build_tracker(cfg.tracking, cfg.output_root)
     name = cfg.run_name or f"{cfg.dataset.name}-{cfg.method.name}"
     run_dir = RunDir.for_config(raw, cfg.output_root, name)

@@ -12,7 +12,7 @@ an 8-node allocation:
 Inside an allocation (SLURM_JOB_ID and SLURM_JOB_NODELIST set) that is
 
     srun --overlap --nodes=N --ntasks=N --ntasks-per-node=1 --nodelist=<nodes>
-         --kill-on-bad-exit=1 python -m torch.distributed.run --nnodes=N
+         --kill-on-bad-exit=1 --label python -m torch.distributed.run --nnodes=N
          --nproc-per-node=P --rdzv-backend=c10d --rdzv-endpoint=<first node>:<port>
          --rdzv-id=<job id> -m irpo.some_stage ...
 
@@ -79,7 +79,8 @@ def _srun(alloc: Allocation, nodes: int | None) -> tuple[list[str], int]:
     if not 1 <= n <= len(alloc.nodes):
         raise ValueError(f"nodes={n}: the allocation has {len(alloc.nodes)} node(s)")
     cmd = ["srun", "--overlap", f"--nodes={n}", f"--ntasks={n}", "--ntasks-per-node=1",
-           f"--nodelist={','.join(alloc.nodes[:n])}", "--kill-on-bad-exit=1"]
+           f"--nodelist={','.join(alloc.nodes[:n])}", "--kill-on-bad-exit=1",
+           "--label"]  # each output line starts with its task number (irpo.node_tasks)
     return cmd, n
 
 

@@ -154,6 +154,22 @@ start_mariadb() {
 # node_name I: the name of the I-th node (1-based) of this machine.
 node_name() { if (($1 == 1)); then echo "$HOST"; else echo "$HOST-$1"; fi; }
 
+# start_slurmd I: node I's slurmd. Nodes 2.. run in a mount namespace of their own
+# where STATE/node-local is an empty tmpfs: a folder each node has for itself, like
+# a node's local disk, so tests can give the nodes a path that is not shared.
+# Everything else (the repository, /tmp, STATE) is one file system for all nodes.
+start_slurmd() {
+    local name
+    name=$(node_name "$1")
+    mkdir -p "$STATE/node-local"
+    if (($1 == 1)) || ! unshare --mount --propagation private true 2>/dev/null; then
+        start_daemon "slurmd-$1" "slurmd -D -N $name" slurmd -D -N "$name"
+    else
+        start_daemon "slurmd-$1" "slurmd -D -N $name" unshare --mount --propagation private \
+            sh -c 'mount -t tmpfs node-local "$0" && exec slurmd -D -N "$1"' "$STATE/node-local" "$name"
+    fi
+}
+
 write_configs() {
     HOST=$(hostname -s)
     # `slurmd -C` prints the machine as slurmd will register it; keep its counts.
@@ -225,7 +241,7 @@ main() {
     start_daemon slurmctld "slurmctld" slurmctld -D -i
     local i
     for ((i = 1; i <= NODES; i++)); do
-        start_daemon "slurmd-$i" "slurmd -D -N $(node_name "$i")" slurmd -D -N "$(node_name "$i")"
+        start_slurmd "$i"
     done
     wait_for 60 "$NODES idle node(s)" bash -c "[[ \$(sinfo -h -N -o %T | grep -cx idle) == $NODES ]]"
     wait_for 30 sacct sacct -n -X

@@ -13,11 +13,9 @@ elsewhere these tests skip. Run them alone with
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
-import signal
 import sqlite3
 import subprocess
 import sys
@@ -86,7 +84,7 @@ def sacct(job_id: str, duplicates: bool = False) -> list[tuple[str, str]]:
     while True:
         out = subprocess.run(cmd + (["-D"] if duplicates else []), capture_output=True,
                              text=True, check=True, timeout=60).stdout
-        rows = [tuple(line.split("|")) for line in out.split()]
+        rows = [tuple(line.split("|")) for line in out.splitlines() if line]
         if rows and not {"PENDING", "RUNNING", "COMPLETING"} & {state for _, state in rows}:
             return rows
         if time.monotonic() > deadline:
@@ -168,7 +166,7 @@ def test_launcher_config_composes_into_a_one_task_sbatch_script(name, tmp_path, 
 def test_stage_commands_in_an_allocation_and_outside():
     alloc = Allocation("4242", ("gpu001", "gpu002", "gpu003"), "10.1.0.1")
     srun = ["srun", "--overlap", "--nodes=3", "--ntasks=3", "--ntasks-per-node=1",
-            "--nodelist=gpu001,gpu002,gpu003", "--kill-on-bad-exit=1"]
+            "--nodelist=gpu001,gpu002,gpu003", "--kill-on-bad-exit=1", "--label"]
     assert stage_command(["-m", "stage", "dir"], 8, alloc=alloc, python="py") == [
         *srun, "py", "-m", "torch.distributed.run", "--nproc-per-node=8", "--nnodes=3",
         "--rdzv-backend=c10d", "--rdzv-endpoint=10.1.0.1:29742", "--rdzv-id=4242",
@@ -247,134 +245,82 @@ def test_sweep_runs_as_slurm_array_jobs(tmp_path, slurm_cluster):
     assert len(m0) == 1 and Path(m0.pop()).parent.parent.resolve() == cache
 
 
-def scontrol_job(job_id: str) -> dict[str, str]:
-    out = subprocess.run(["scontrol", "-o", "show", "job", job_id], capture_output=True,
-                         text=True, check=True, timeout=60).stdout
-    return dict(re.findall(r"(\w+)=(\S*)", out))
+def train_losses(run: Path) -> list[float]:
+    return [json.loads(line)["metrics"]["train/loss"]
+            for line in (run / "iter1/train/metrics.jsonl").read_text().splitlines()]
 
 
-def seconds(duration: str) -> int:
-    """SLURM's [D-]HH:MM:SS as seconds."""
-    days, _, hms = duration.rpartition("-")
-    h, m, s = (["0"] * 3 + hms.split(":"))[-3:]
-    return ((int(days or 0) * 24 + int(h)) * 60 + int(m)) * 60 + int(s)
+def mlflow_loss_history(root: Path) -> list[tuple[int, float]]:
+    con = sqlite3.connect(root / "mlflow.db")
+    return list(con.execute("select step, value from metrics where key='train/loss' order by step"))
 
 
-def wait_until(what: str, fn, timeout: float, proc: subprocess.Popen, every: float = 1.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = fn()
-        if value:
-            return value
-        if proc.poll() is not None:
-            raise AssertionError(f"the sweep ended (rc {proc.returncode}) before {what}")
-        time.sleep(every)
-    raise AssertionError(f"no {what} after {timeout:.0f} s")
-
-
-def driver_pid(root: Path) -> int | None:
-    """The job's python process (``python -u -m submitit.core._submit <root>/...``)."""
-    for proc_dir in Path("/proc").iterdir():
-        try:
-            args = (proc_dir / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if args[1:4] == [b"-u", b"-m", b"submitit.core._submit"] and str(root).encode() in args[4]:
-            return int(proc_dir.name)
-    return None
-
-
-def usr2_sent(pid: int) -> bool:
-    """SIGUSR2 is pending in stopped ``pid``, or was delivered (slurmstepd follows
-    a signal with SIGCONT, so the driver may already have handled it and exited)."""
-    try:
-        status = Path(f"/proc/{pid}/status").read_text()
-    except OSError:
-        return True
-    pending = sum(int(m, 16) for m in re.findall(r"(?:SigPnd|ShdPnd):\s*(\w+)", status))
-    return bool(pending & 1 << (signal.SIGUSR2 - 1)) or "\nState:\tT" not in status
-
-
-def training_steps_logged(root: Path) -> int:
-    return sum(len(p.read_text().splitlines()) for p in root.glob("runs/*/iter1/train.tmp/metrics.jsonl"))
-
-
-def _time_limit_in_training(root: Path, proc: subprocess.Popen) -> str:
-    """Once the sweep's job has trained two steps, bring its time limit near,
-    holding the driver (SIGSTOP) until SLURM's warning signal is pending."""
-    (job_id,) = wait_until("submitted job", lambda: submitted(root), 300, proc)
-    wait_until("training under way", lambda: training_steps_logged(root) >= 2, 900, proc,
-               every=0.05)
-    pid = driver_pid(root)
-    os.kill(pid, signal.SIGSTOP)
-    try:
-        ran = seconds(scontrol_job(job_id)["RunTime"])
-        # 60-120 s away: within signal_delay_s + 30 s, so slurmctld's next check
-        # signals, and far enough that the job is not killed before it re-queues.
-        subprocess.run(["scontrol", "update", f"JobId={job_id}", f"TimeLimit={ran // 60 + 2}"],
-                       check=True, timeout=60)
-        wait_until("time-limit signal", lambda: usr2_sent(pid), 90, proc, every=0.2)
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGCONT)
-    wait_until("re-queue", lambda: int(scontrol_job(job_id).get("Restarts", 0)) >= 1, 120, proc)
-    subprocess.run(["scontrol", "update", f"JobId={job_id}", "TimeLimit=10"], check=True,
-                   timeout=60)
-    return job_id
+# A train stage of 1-2 minutes (410 steps of 0.15-0.3 s, one thread) against a 1-minute limit.
+LONG_TRAIN = ["method=rpo", "experiment=smoke", "trainer.epochs=40"]
 
 
 @pytest.mark.slow
 @pytest.mark.slurm
-def test_time_limit_requeues_and_resumes(tmp_path, slurm_cluster):
-    """A job nears its time limit in the middle of training: SLURM signals USR2, the
-    trainer finishes its step and saves a step checkpoint, submitit checkpoints and
-    re-queues the job, and the next attempt skips the stages already done and resumes
-    training after the step the signal interrupted.
+def test_train_stage_longer_than_the_time_limit_completes(tmp_path, slurm_cluster):
+    """A job whose time limit (1 min) is shorter than its own train stage: every attempt
+    is stopped by SLURM's warning signal (USR2; slurmctld checks limits every 30 s and
+    signals once the limit is closer than signal_delay_s + 30 s, so an attempt runs 28-58 s
+    and trains for 10-40 s of it), the stage in flight saves a step
+    checkpoint and submitit re-queues the job; the next attempt resumes after that step.
+    Without resumption inside the stage every attempt would start training from step 1
+    and the job would be re-queued until max_num_timeout ran out.
 
-    The time limit is real but placed by the test: once training is under way
-    it pauses the driver (SIGSTOP), shortens the job's limit (``scontrol
-    update TimeLimit``, as an admin might) and waits for slurmctld's time-limit
-    signal (it checks limits every 30 s and signals once the limit is closer
-    than signal_delay_s + 30 s; slurmstepd follows it with SIGCONT, which
-    resumes the driver); submitit's handler then checkpoints and re-queues. While the
-    job waits to start again the limit is restored, so the second attempt runs
-    to the end. A limit left to expire by itself would stop each attempt at a
-    random point of a 30 s window, and the smoke run takes about that long.
+    The run ends with the artifacts and the MLflow history of an uninterrupted run of the
+    same config (launcher=local, one thread like the job's one CPU), run alongside.
     """
-    # Build M0 first if needed: a build cut short by the time limit would start over.
     from irpo.builtin_model import ensure_builtin_model
 
     cfg = to_config(compose(["experiment=smoke"]))
     ensure_builtin_model(cfg.model, cfg.dataset, cfg.cache_dir)
-    cmd = [sys.executable, "-m", "irpo.main", "-m", f"output_root={tmp_path}", "launcher=slurm",
-           "method=rpo", "experiment=smoke", "trainer.epochs=3", *ON_TEST_CLUSTER,
-           "hydra.launcher.timeout_min=10",
-           "hydra.launcher.signal_delay_s=120", "hydra.launcher.max_num_timeout=3"]
-    with open(tmp_path / "sweep.log", "w") as out:
-        proc = subprocess.Popen(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
+    job_root, local_root = tmp_path / "slurm", tmp_path / "local"
+    sweep_cmd = [sys.executable, "-m", "irpo.main", "-m", f"output_root={job_root}",
+                 "launcher=slurm", *LONG_TRAIN, *ON_TEST_CLUSTER, "hydra.launcher.timeout_min=1",
+                 "hydra.launcher.signal_delay_s=2", "hydra.launcher.max_num_timeout=15"]
+    local_cmd = [sys.executable, "-m", "irpo.main", f"output_root={local_root}", *LONG_TRAIN]
+    tmp_path.mkdir(exist_ok=True)
+    with open(tmp_path / "sweep.log", "w") as out, open(tmp_path / "local.log", "w") as lout:
+        sweep = subprocess.Popen(sweep_cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
+        local = subprocess.Popen(local_cmd, cwd=REPO, stdout=lout, stderr=subprocess.STDOUT,
+                                 env={**os.environ, "OMP_NUM_THREADS": "1"})
         try:
-            job_id = _time_limit_in_training(tmp_path, proc)
-            proc.wait(timeout=900)
+            assert local.wait(timeout=1200) == 0, (tmp_path / "local.log").read_text()[-3000:]
+            sweep.wait(timeout=1500)
         finally:
-            if proc.poll() is None:  # a failed test leaves no job behind
-                proc.kill()
-                subprocess.run(["scancel", *submitted(tmp_path)], check=False)
-    assert proc.returncode == 0, (tmp_path / "sweep.log").read_text()[-5000:]
-    log = submitit_jobs(tmp_path)[job_id]
+            if sweep.poll() is None:  # a failed test leaves no job behind
+                sweep.kill()
+                subprocess.run(["scancel", *submitted(job_root)], check=False)
+            if local.poll() is None:
+                local.kill()
+    assert sweep.returncode == 0, (tmp_path / "sweep.log").read_text()[-5000:]
+    ((job_id, log),) = submitit_jobs(job_root).items()
     attempts = [state for _, state in sacct(job_id, duplicates=True)]
-    assert attempts[0] == "REQUEUED" and attempts[-1] == "COMPLETED", attempts
-    assert "Caught signal SIGUSR2" in log and "this job is timed-out" in log
-    first, second = log.split(f"Requeued job {job_id}", 1)
-    assert "iteration 0 eval: done in" in first
-    assert "iteration 0 eval: done already, skipped" in second, second[-3000:]
-    assert "iteration 1 sample: done already, skipped" in second
-    assert "saving a step checkpoint at the end of this step" in first
-    resumed = int(re.search(r"resuming training after step (\d+)", second).group(1))
-    assert resumed >= 2  # the steps before the signal are not trained again
-    (run,) = [p for p in (tmp_path / "runs").iterdir() if p.is_dir()]
+    assert attempts.count("REQUEUED") >= 2 and attempts[-1] == "COMPLETED", attempts
+    assert log.count("Caught signal SIGUSR2") == attempts.count("REQUEUED")
+    assert "saving a step checkpoint at the end of this step" in log
+    # Training went on from where each attempt stopped, over at least two attempts.
+    resumed = [int(n) for n in re.findall(r"resuming training after step (\d+)", log)]
+    assert resumed and resumed == sorted(set(resumed)) and resumed[0] >= 2, resumed
+    assert f"Requeued job {job_id}" in log and "iteration 1 sample: done already, skipped" in log
+
+    (run,) = [p for p in (job_root / "runs").iterdir() if p.is_dir()]
+    (ref,) = [p for p in (local_root / "runs").iterdir() if p.is_dir()]
     for stage in STAGES:
         assert (run / stage / "DONE").exists(), stage
-    (mlflow_run,) = mlflow_runs(tmp_path)  # the second attempt logs into the same run
-    assert mlflow_run["status"] == "FINISHED"
     steps = json.loads((run / "iter1/train/DONE").read_text())["steps"]
-    assert mlflow_run["train_loss_steps"] == list(range(1, steps + 1))  # each step once
+    assert resumed[-1] < steps
+    assert train_losses(run) == train_losses(ref) and len(train_losses(run)) == steps
+    from safetensors.torch import load_file
+
+    mine, theirs = (load_file(r / "iter1/train/model/model.safetensors") for r in (run, ref))
+    assert all(mine[k].equal(theirs[k]) for k in theirs) and mine.keys() == theirs.keys()
+    for name in ("iter1/eval/predictions.jsonl", "iter1/sample/samples.jsonl"):
+        assert (run / name).read_text() == (ref / name).read_text(), name
+    assert mlflow_loss_history(job_root) == mlflow_loss_history(local_root)  # each step once
+    assert [s for s, _ in mlflow_loss_history(job_root)] == list(range(1, steps + 1))
+    (mlflow_run,) = mlflow_runs(job_root)  # every attempt logs into the same run
+    assert mlflow_run["status"] == "FINISHED"

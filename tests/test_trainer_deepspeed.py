@@ -82,7 +82,7 @@ def test_worker_command_is_torchrun_locally_and_srun_in_an_allocation(tmp_path):
                          "-m", MODULE, str(tmp_path)]
     slurm = launch_command(tcfg, tmp_path, alloc=ALLOC)
     assert slurm[:7] == ["srun", "--overlap", "--nodes=2", "--ntasks=2", "--ntasks-per-node=1",
-                         "--nodelist=gpu001,gpu002", "--kill-on-bad-exit=1"]
+                         "--nodelist=gpu001,gpu002", "--kill-on-bad-exit=1", "--label"]
     assert slurm[8:] == ["-m", "torch.distributed.run", "--nproc-per-node=4", "--nnodes=2",
                          "--rdzv-backend=c10d", "--rdzv-endpoint=10.1.0.1:29742", "--rdzv-id=4242",
                          "-m", MODULE, str(tmp_path)]

@@ -37,7 +37,6 @@ import json
 import logging
 import os
 import shutil
-import subprocess
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -186,8 +185,12 @@ def merge_shards(work: Path, num_prompts: int, num_shards: int) -> list[list[Gen
 
 def generate_on_nodes(sampler: Any, encoded: list[list[int]], n: int, temperature: float,
                       max_new_tokens: int, seed: int, alloc: Any = None,
-                      run=subprocess.run, first_index: int = 0) -> list[list[Generation]]:
-    """One engine per node of the allocation over a shard each; the merged result."""
+                      run=None, first_index: int = 0) -> list[list[Generation]]:
+    """One engine per node of the allocation over a shard each; the merged result.
+
+    ``run(cmd, check=True)`` replaces srun in tests; by default a failed node raises
+    irpo.node_tasks.NodeTaskFailed naming the node, the task and the log.
+    """
     from irpo.launch import per_node_command
 
     nodes = sampler.cfg.nodes
@@ -201,7 +204,12 @@ def generate_on_nodes(sampler: Any, encoded: list[list[int]], n: int, temperatur
         cmd = per_node_command(["-m", "irpo.sampling.shards", str(request.resolve())],
                                nodes=nodes, alloc=alloc)
         log.info("sampling on %d nodes: %s", nodes, " ".join(cmd))
-        run(cmd, check=True)
+        if run is None:
+            from irpo.node_tasks import run_tasks
+
+            run_tasks(cmd, f"sampling on {nodes} nodes ({request.parent})")
+        else:
+            run(cmd, check=True)
     gens = merge_shards(request.parent, len(encoded), nodes)
     shutil.rmtree(request.parent, ignore_errors=True)
     return gens
@@ -216,6 +224,8 @@ def main(args: Sequence[str] | None = None) -> None:
     ns = parser.parse_args(args)
     shard = ns.shard if ns.shard is not None else int(os.environ.get("SLURM_PROCID", "0"))
     logging.basicConfig(level=logging.INFO)
+    log.info("shard %d on node %s (SLURM task %s)", shard,
+             os.environ.get("SLURMD_NODENAME", os.uname().nodename), os.environ.get("SLURM_PROCID", "-"))
     print(run_shard(ns.request, shard))
 
 
