@@ -4,8 +4,10 @@
 
 reads the matching runs (irpo.report.load), builds Table 1, β × α grids, a cost
 table and held-out accuracies (irpo.report.tables) and the figures
-(irpo.report.plots), and writes ``report.md``, ``report.html`` (self-contained:
-PNGs embedded) and the PNGs into the output folder. Unless told not to, it
+(irpo.report.plots), and, from the run directories, an error analysis
+(irpo.report.errors: MATH by level and subject, checker agreement, spot-check rows), and
+writes ``report.md``, ``report.html`` (self-contained: PNGs embedded), the PNGs and the
+spot-check files into the output folder. Unless told not to, it
 logs that folder as the artifacts of a summary MLflow run in the same
 experiment, tagged ``irpo.report=1`` so that no report reads it as an input.
 From Python: ``build_report(uri, experiment, filters=[...], out_dir=...)``.
@@ -106,7 +108,8 @@ def log_summary_run(rs: RunSet, out: Path) -> str:
 def build_report(tracking_uri: str, experiment: str, filters: list[str] | None = None,
                  raw_filter: str | None = None, out_dir: str | Path = "outputs/reports",
                  key: str = "test/accuracy", group_by: list[str] | None = None,
-                 include_unfinished: bool = False, log_run: bool = True) -> Report:
+                 include_unfinished: bool = False, log_run: bool = True,
+                 spot_check: int = 20) -> Report:
     rs = load_runs(tracking_uri, experiment, filters, raw_filter, include_unfinished)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -115,6 +118,12 @@ def build_report(tracking_uri: str, experiment: str, filters: list[str] | None =
     sections = build_sections(rs, out, key, group_by)
     title = f"irpo report — {experiment}"
     meta = _meta(rs)
+    if spot_check > 0:  # from the run directories: MATH breakdown, checker agreement, samples
+        from irpo.report.errors import error_sections
+
+        more, notes = error_sections(rs, labels(rs.runs, group_by), out, n_rows=spot_check)
+        sections += more
+        meta += notes
     md = out / "report.md"
     md.write_text(render_markdown(title, meta, sections, out))
     page = out / "report.html"

@@ -44,6 +44,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="also report RUNNING/FAILED/KILLED runs (partial metrics)")
     p.add_argument("--no-log-run", action="store_true",
                    help="do not log the report as a summary MLflow run")
+    p.add_argument("--spot-check", type=int, default=20, metavar="N",
+                   help="error analysis from the run directories: N random test responses per run "
+                        "and iteration, checker agreement, MATH by level/subject (0: none)")
     return p.parse_args(argv)
 
 
@@ -57,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         rep = build_report(uri, args.experiment, args.filter, args.filter_string, out,
                            args.metric, args.group_by, args.include_unfinished,
-                           log_run=not args.no_log_run)
+                           log_run=not args.no_log_run, spot_check=args.spot_check)
     except ReportError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

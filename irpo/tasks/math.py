@@ -348,6 +348,19 @@ class MathTask(HubTask):
         return is_equal(a, b)
 
 
+    def problem_meta(self) -> dict[str, dict]:
+        """Test problem id (as in the predictions) -> its level (1-5; None where not stated) and
+        subject (``algebra``, ``counting_and_probability``, ...), for the report's breakdown."""
+        out = {}
+        for i, rec in enumerate(self._records(self.test_source, "test")):
+            rid = str(rec.get("unique_id") or f"{self.name}/test/{i}")
+            level = re.search(r"\d+", str(rec.get("level", "")))
+            subject = rec.get("type") or rec.get("subject") or rid.split("/")[-2:][0]
+            out[rid] = {"level": int(level.group()) if level else None,
+                        "subject": subject.lower().replace("&", "and").replace(" ", "_")}
+        return out
+
+
 class Math500Task(MathTask):
     """MATH train prompts; the PRM800K 500-problem test subset as ``test``."""
 
