@@ -14,6 +14,8 @@ import dataclasses
 from pathlib import Path
 
 import pytest
+from test_config import load
+from test_trainer import make_cfg
 
 from irpo import driver
 from irpo.config import ArithConfig, ConfigError
@@ -21,8 +23,6 @@ from irpo.rundir import RunDir
 from irpo.sampling import Generation
 from irpo.tasks.arith import ArithTask
 from irpo.tracking import NullTracker
-from test_config import load
-from test_trainer import make_cfg
 
 
 class ScriptedSampler:

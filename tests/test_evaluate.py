@@ -116,7 +116,7 @@ def test_evaluate_math_maj_at_k_votes_by_answer_not_spelling(math_task, tmp_path
 def test_evaluate_arith_greedy_and_majority(tmp_path):
     task = ArithTask(ArithConfig(train_size=0, valid_size=0, test_size=2))
     examples = [ex(0, "12"), ex(1, "7")]
-    final = lambda n: f"x = {n}\nFinal answer: {n}"  # noqa: E731
+    final = lambda n: f"x = {n}\nFinal answer: {n}"
     greedy = {examples[0].prompt: final(12), examples[1].prompt: final(8)}
     samples = {examples[0].prompt: [final(5), final(12), final(5), "?"],
                examples[1].prompt: [final(7), final(9), final(7), final(9)]}

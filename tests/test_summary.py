@@ -50,8 +50,8 @@ def test_rows_come_from_done_markers_only(tmp_path):
 def test_table_renders_each_value_and_dashes_for_missing_ones(tmp_path):
     table = render_table(iteration_rows(make_run(tmp_path), iterations=2), maj_k=4)
     assert table.splitlines() == [
-        "| iter | test acc | maj@4 | correct samples | train examples | Δlogp chosen | Δlogp rejected"
-        " | sample s | label s | data s | train s | eval s |",
+        ("| iter | test acc | maj@4 | correct samples | train examples | Δlogp chosen | Δlogp rejected"
+         " | sample s | label s | data s | train s | eval s |"),
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
         "| 0 | 0.294 | 0.260 | - | - | - | - | - | - | - | - | 39.0 |",
         "| 1 | 0.311 | 0.296 | 0.211 | 1959 | +0.34 | -2.25 | 33.3 | 0.7 | 0.2 | 41.5 | 32.5 |",

@@ -44,7 +44,7 @@ def resolved(**extra) -> dict:
 
 def test_run_tags_hold_what_reports_group_by(tmp_path, monkeypatch):
     monkeypatch.setattr(tracking, "_gpu_count", lambda: 0)
-    head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+    head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
                           cwd=REPO).stdout.strip()
     tags = run_tags(resolved(tracking={"tags": {"sweep": "table1", "n": 5}}), tmp_path, "abc123")
     assert tags == {"method": "rpo", "dataset": "gsm8k", "model": "tiny", "beta": "0.1",

@@ -70,7 +70,7 @@ def case(tiny_ckpt):  # noqa: F811
         margins.append(margin)
         dpo.append(-math.log(1 / (1 + math.exp(-margin))))
         nll.append(-pc / n_c)
-    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+    mean = lambda xs: sum(xs) / len(xs)
     want = {"train/dpo": mean(dpo), "train/nll": mean(nll),
             "train/loss": mean(dpo) + ALPHA * mean(nll), "rewards/margin": mean(margins)}
     assert abs(want["rewards/margin"]) > 0.05 and want["train/nll"] > 1  # both terms matter
