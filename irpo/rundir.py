@@ -30,7 +30,8 @@ log = logging.getLogger(__name__)
 # Keys that do not change what a run computes: where it is logged or stored, and how
 # often training saves step checkpoints (a rerun may change that and still resume).
 NON_SEMANTIC_KEYS = ("hydra", "tracking", "output_root", "cache_dir", "run_name")
-NON_SEMANTIC_FIELDS = (("trainer", "save_every_steps"), ("trainer", "save_every_min"))
+NON_SEMANTIC_FIELDS = (("trainer", "save_every_steps"), ("trainer", "save_every_min"),
+                       ("sampler", "shard_dir"))
 
 # Debugging hooks used by the fault tests: kill this process with SIGKILL right
 # after the named stage (for example "iter1/sample") is marked done, or right after
@@ -41,8 +42,12 @@ KILL_AT_STEP_ENV = "IRPO_KILL_AT_TRAIN_STEP"
 
 
 def config_hash(raw: DictConfig) -> str:
-    keep = [k for k in raw.keys() if k not in NON_SEMANTIC_KEYS]
-    resolved = OmegaConf.to_container(OmegaConf.masked_copy(raw, keep), resolve=True)
+    # Resolved before the keys go: a kept value may interpolate one of them
+    # (sampler.shard_dir: ${output_root}/vllm-shards).
+    resolved = OmegaConf.to_container(OmegaConf.masked_copy(raw, [k for k in raw if k != "hydra"]),
+                                      resolve=True)
+    for key in NON_SEMANTIC_KEYS:
+        resolved.pop(key, None)
     for group, key in NON_SEMANTIC_FIELDS:
         if isinstance(resolved.get(group), dict):
             resolved[group].pop(key, None)

@@ -24,6 +24,16 @@ def test_hash_ignores_where_things_are_stored_but_not_what_is_computed():
     assert len(config_hash(base)) == 10
 
 
+def test_hash_of_a_value_that_interpolates_a_dropped_key():
+    """experiment=paper_gsm8k_70b: sampler.shard_dir is ${output_root}/vllm-shards."""
+    def cfg(root):
+        return OmegaConf.create({"output_root": root, "beta": 0.1,
+                                 "sampler": {"nodes": 8, "shard_dir": "${output_root}/vllm-shards"}})
+
+    assert config_hash(cfg("/a")) == config_hash(cfg("/b"))
+    assert config_hash(cfg("/a")) != config_hash(OmegaConf.merge(cfg("/a"), {"sampler": {"nodes": 4}}))
+
+
 def test_stage_runs_once_then_is_skipped(tmp_path):
     run = RunDir(tmp_path)
     calls = []
