@@ -1,6 +1,14 @@
 """Our rpo training step against TRL's DPOTrainer (RPO as TRL expresses it), on identical work.
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/train_step.py [--repeats 3] [--pairs 160]
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/train_step.py --workload varlen [--pairs 512 --batch-size 8]
+
+``--workload varlen``: real pairs of the default run's first iteration, of varying lengths,
+with the sampler's reference log-probs (train_step_varlen_inputs.py); sides ours (sampler
+references), ours_refpass, ours_padded (the trainer before packing), trl, trl_pre; padding
+per side, step and whole-stage ratios, peak RSS absolute and above the post-import baseline,
+``uptime`` before and after. Writes benchmarks/results/train_step_varlen.{json,md}
+(train_step_varlen.py). The rest of this docstring is the fixed-length workload:
 
 Builds a ~10M-parameter random Llama and fixed-length arithmetic pairs (bench_inputs.py),
 measures this machine's fp32 matmul peak at the same thread count (on the GPU, where every
@@ -165,16 +173,28 @@ def ratios(runs: dict[str, list[dict]], side: str) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--pairs", type=int, default=160, help="pairs per run (one epoch)")
-    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--pairs", type=int, default=None, help="pairs per run (one epoch); 160 fixed, 512 varlen")
+    ap.add_argument("--batch-size", type=int, default=None, help="16 fixed, 8 varlen")
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--alpha", type=float, default=4.0, help="the arith dataset's default")
-    ap.add_argument("--sides", nargs="+", default=list(DEFAULT_SIDES),
-                    choices=["ours", "trl", "trl_pre", "trl_default"])
+    ap.add_argument("--sides", nargs="+", default=None,
+                    choices=["ours", "ours_refpass", "ours_padded", "trl", "trl_pre", "trl_default"])
+    ap.add_argument("--workload", choices=["fixed", "varlen"], default="fixed")
     ap.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "1")))
-    ap.add_argument("--workdir", type=Path, default=REPO / "outputs" / "bench" / "train_step")
-    ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "train_step"))
+    ap.add_argument("--workdir", type=Path, default=None, help="outputs/bench/train_step[_varlen]")
+    ap.add_argument("--out", default=None, help="benchmarks/results/train_step[_varlen] (.json, .md)")
     args = ap.parse_args()
+    varlen = args.workload == "varlen"
+    suffix = "_varlen" if varlen else ""
+    args.pairs = args.pairs or (512 if varlen else 160)
+    args.batch_size = args.batch_size or (8 if varlen else 16)
+    args.workdir = args.workdir or REPO / "outputs" / "bench" / f"train_step{suffix}"
+    args.out = args.out or str(REPO / "benchmarks" / "results" / f"train_step{suffix}")
+    if varlen:
+        from train_step_varlen import run_varlen
+
+        return run_varlen(args, run_side)
+    args.sides = args.sides or list(DEFAULT_SIDES)
     if "ours" not in args.sides:
         raise SystemExit("--sides must include ours (ratios are ours / TRL)")
     import torch

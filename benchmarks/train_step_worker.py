@@ -1,13 +1,18 @@
 """One side of the training-step benchmark, in its own process so its peak RSS is its own.
 
-    python benchmarks/train_step_worker.py --side ours|trl|trl_pre|trl_default \\
+    python benchmarks/train_step_worker.py --side ours|ours_refpass|ours_padded|trl|trl_pre|trl_default \\
         --workdir DIR --out result.json [--alpha 4 --lr 1e-4 --batch-size 16]
 
 Trains one epoch over ``DIR/pairs.jsonl`` starting from ``DIR/model`` (see bench_inputs.py)
 and writes the timings to ``--out``. Sides:
 
-* ``ours``: ``irpo.training.torch_trainer.train``, what the driver's train stage calls
-  (reference log-probs in one pass over the pairs, then one forward per step);
+* ``ours``: ``irpo.training.torch_trainer.train``, what the driver's train stage calls: the
+  sampler's reference log-probs where the pairs carry them (the variable-length workload; only
+  ``trainer.ref_check_pairs`` = 8 pairs are scored again), else one reference pass over the
+  pairs, then one packed forward per step;
+* ``ours_refpass``: the same with the pairs' reference log-probs dropped (a reference pass);
+* ``ours_padded``: ``ours_refpass`` with the padded shared-prefix layout the trainer used
+  before packing (``torch_trainer.LAYOUT = "shared_prefix"``): today's trainer before this change;
 * ``trl``: TRL's ``DPOTrainer`` with ``loss_type=["sigmoid", "sft"]``, ``loss_weights=[1, alpha]``
   and a reference model forward every step;
 * ``trl_pre``: the same with ``precompute_ref_log_probs=True`` (one pass before training);
@@ -39,7 +44,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-SIDES = ("ours", "trl", "trl_pre", "trl_default")
+SIDES = ("ours", "ours_refpass", "ours_padded", "trl", "trl_pre", "trl_default")
+OURS = ("ours", "ours_refpass", "ours_padded")
+REF_KEYS = ("chosen_ref_logprob", "rejected_ref_logprob")
 
 
 def rss_mib() -> float:
@@ -70,12 +77,15 @@ def warmup_steps(steps: int) -> int:
     return int(0.1 * steps)  # what irpo's trainer does for warmup_ratio=0.1
 
 
-def run_ours(model_dir: Path, pairs: list[dict], args, out_dir: Path) -> dict:
+def run_ours(model_dir: Path, pairs: list[dict], args, out_dir: Path, side: str = "ours") -> dict:
     from bench_inputs import rpo_config
 
     import irpo.training.torch_trainer as tt
 
     cfg = rpo_config(model_dir, args, beta=args.beta)
+    if side != "ours":  # no sampler reference log-probs: a reference pass
+        pairs = [{k: v for k, v in p.items() if k not in REF_KEYS} for p in pairs]
+    tt.LAYOUT = "shared_prefix" if side == "ours_padded" else "packed"
     marks: dict = {"step_end": [], "losses": []}
     original = tt.reference_logprobs
 
@@ -187,8 +197,8 @@ def first_step_loss(side: str, model_dir: Path, pairs: list[dict], alpha: float,
     """The loss of the first (only) step on ``pairs`` as one batch: both sides see the same batch."""
     args = argparse.Namespace(alpha=alpha, beta=beta, lr=lr, batch_size=len(pairs), seed=seed)
     with tempfile.TemporaryDirectory() as tmp:
-        if side == "ours":
-            raw = run_ours(model_dir, pairs, args, Path(tmp))
+        if side in OURS:
+            raw = run_ours(model_dir, pairs, args, Path(tmp), side)
         else:
             raw = run_trl(side, model_dir, pairs, args, Path(tmp))
     if len(raw["losses"]) != 1:
@@ -212,7 +222,7 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-    if args.side == "ours":
+    if args.side in OURS:
         import irpo.training.torch_trainer  # noqa: F401  (import cost outside the timings)
     else:
         import trl  # noqa: F401
@@ -221,8 +231,8 @@ def main() -> None:
     pairs = read_pairs(args.workdir / "pairs.jsonl")
     rss_import = rss_mib()
     try:
-        if args.side == "ours":
-            raw = run_ours(args.workdir / "model", pairs, args, Path(tmp))
+        if args.side in OURS:
+            raw = run_ours(args.workdir / "model", pairs, args, Path(tmp), args.side)
         else:
             raw = run_trl(args.side, args.workdir / "model", pairs, args, Path(tmp))
     finally:

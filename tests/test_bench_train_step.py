@@ -86,3 +86,47 @@ def test_first_step_losses_agree_with_trl(inputs):
     theirs = first_step_loss("trl", inputs.model_dir, inputs.pairs, 2.0)
     assert ours > math.log(2) + 2.0  # the NLL of a random model is several nats per token
     assert theirs == pytest.approx(ours, rel=1e-5)
+
+
+def test_varlen_padding_counts_each_layout(inputs, tmp_path):
+    """One batch of the mixed-length pairs: padding as each layout computes it, counted here."""
+    from train_step_varlen_inputs import padding
+
+    from bench_inputs import read_pairs
+    from irpo.modeling import encode_prompt, encode_response
+
+    pairs = read_pairs(inputs.model_dir.parent / "pairs_varlen.jsonl")
+    _, tok = load_model(inputs.model_dir)
+    p = [len(encode_prompt(tok, x["prompt"])) for x in pairs]
+    c = [len(encode_response(tok, x["chosen"])) for x in pairs]
+    r = [len(encode_response(tok, x["rejected"])) for x in pairs]
+    useful = sum(p) + sum(c) + sum(r)
+    shared = 1 - useful / (16 * max(p) + 32 * max(c + r))
+    trl = 1 - (useful + sum(p)) / (32 * max(pp + max(cc, rr) for pp, cc, rr in zip(p, c, r)))
+    got = padding(inputs.model_dir, pairs, batch_size=16)
+    assert got["ours"] == 0.0 and got["ours_padded"] == pytest.approx(shared) and shared > 0.05
+    assert got["trl"] == pytest.approx(trl) and trl > 0.05
+
+
+def test_sampler_references_give_the_first_step_loss_of_a_reference_pass(inputs):
+    """ours (references from sampler=hf's score) = ours_refpass = ours_padded on mixed lengths."""
+    from train_step_worker import first_step_loss
+
+    from bench_inputs import read_pairs
+    from irpo.config import HFSamplerConfig
+    from irpo.sampling.hf import HFSampler
+
+    pairs = read_pairs(inputs.model_dir.parent / "pairs_varlen.jsonl")
+    scorer = HFSampler(str(inputs.model_dir), HFSamplerConfig(name="hf", batch_size=8, device="cpu"))
+    for side in ("chosen", "rejected"):
+        values = scorer.score([p["prompt"] for p in pairs], [p[side] for p in pairs])
+        for p, v in zip(pairs, values):
+            p[f"{side}_ref_logprob"] = v
+    losses = {side: first_step_loss(side, inputs.model_dir, pairs, 2.0)
+              for side in ("ours", "ours_refpass", "ours_padded")}
+    assert losses["ours"] == pytest.approx(losses["ours_refpass"], abs=1e-5)
+    assert losses["ours_padded"] == pytest.approx(losses["ours_refpass"], abs=1e-5)
+    # Wrong references move the loss: the sampler's are really used.
+    shifted = [{**p, "chosen_ref_logprob": p["chosen_ref_logprob"] + 1.0} for p in pairs]
+    with pytest.raises(Exception, match="reference log-prob check"):
+        first_step_loss("ours", inputs.model_dir, shifted, 2.0)
