@@ -48,6 +48,11 @@ def main(raw: DictConfig) -> float:
     except (ConfigError, StageError, TrackingUnavailable) as e:
         log.error("%s", e)
         sys.exit(f"error: {e}")
+    except Exception:
+        # In a SLURM job Hydra hands the exception back to the submitting process; the
+        # job's own log must say why the run stopped too.
+        log.exception("the run failed")
+        raise
 
 
 if __name__ == "__main__":

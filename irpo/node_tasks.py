@@ -6,7 +6,7 @@ its output through to the job's log, where each line carries its task number
 message names the failing node, the SLURM task and, for torchrun stages, the global
 rank, and the log to read::
 
-    sampling shards failed: task 1 on node vm-2 (rank 1) exited with exit code 1;
+    sampling on 2 nodes (...) failed: task 1 on node vm-2: Exited with exit code 1;
     its output is in /shared/out/.../12_0_log.out, lines starting with "1: "
 
 :func:`check_shared` proves, before the first stage, that folders the nodes hand files
@@ -76,7 +76,7 @@ def _failure(what: str, lines: list[str], returncode: int) -> NodeTaskFailed:
     where = f"task {task} on node {node}" if task is not None else f"node {node}" if node else "a task"
     ranked = f" (rank {rank})" if rank is not None else ""
     label = f', lines starting with "{task.split(",")[0].split("-")[0]}: "' if task else ""
-    message = (f"{what} failed: {where}{ranked} {why or f'exited with status {returncode}'}; "
+    message = (f"{what} failed: {where}{ranked}: {why or f'exit status {returncode}'}; "
                f"its output is in {job_log()}{label}")
     return NodeTaskFailed(message, node, task, rank)
 
