@@ -31,7 +31,7 @@ LABELS = {
 
 
 def uptime() -> str:
-    return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+    return subprocess.run(["uptime"], capture_output=True, text=True, check=False).stdout.strip()
 
 
 def summarise(runs: list[dict]) -> dict:
@@ -60,10 +60,9 @@ def ratio(runs: dict, base: str, side: str) -> dict:
 
 
 def run_varlen(args, run_side) -> None:
+    from bench_inputs import read_pairs
     from train_step import machine_info
     from train_step_varlen_inputs import build_varlen_inputs, padding
-
-    from bench_inputs import read_pairs
 
     t_start = time.perf_counter()
     load_before = uptime()

@@ -80,9 +80,7 @@ def sample_pairs(num_pairs: int, seed: int = 0) -> tuple[list[dict], dict]:
 
 def build_varlen_inputs(workdir: Path, num_pairs: int) -> dict:
     """Model and pairs under ``workdir`` (reused when already built for ``num_pairs``)."""
-    from bench_inputs import build_inputs
-
-    from bench_inputs import read_pairs
+    from bench_inputs import build_inputs, read_pairs
 
     workdir = Path(workdir)
     meta_file, all_file = workdir / "varlen.json", workdir / "pairs_all.jsonl"

@@ -90,9 +90,9 @@ def test_first_step_losses_agree_with_trl(inputs):
 
 def test_varlen_padding_counts_each_layout(inputs, tmp_path):
     """One batch of the mixed-length pairs: padding as each layout computes it, counted here."""
+    from bench_inputs import read_pairs
     from train_step_varlen_inputs import padding
 
-    from bench_inputs import read_pairs
     from irpo.modeling import encode_prompt, encode_response
 
     pairs = read_pairs(inputs.model_dir.parent / "pairs_varlen.jsonl")
@@ -110,9 +110,9 @@ def test_varlen_padding_counts_each_layout(inputs, tmp_path):
 
 def test_sampler_references_give_the_first_step_loss_of_a_reference_pass(inputs):
     """ours (references from sampler=hf's score) = ours_refpass = ours_padded on mixed lengths."""
+    from bench_inputs import read_pairs
     from train_step_worker import first_step_loss
 
-    from bench_inputs import read_pairs
     from irpo.config import HFSamplerConfig
     from irpo.sampling.hf import HFSampler
 

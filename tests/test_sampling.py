@@ -9,8 +9,8 @@ import torch
 
 from irpo.builtin_model import build_model, build_tokenizer
 from irpo.config import ArithConfig, HFSamplerConfig, ModelConfig, SamplerConfig
-from irpo.sampling import Generation, build_sampler
 from irpo.modeling import encode_prompt, encode_response, load_model
+from irpo.sampling import Generation, build_sampler
 from irpo.sampling.hf import HFSampler
 from irpo.tasks.arith import build_arith
 
