@@ -14,6 +14,10 @@ architecture, the pre-training settings and the pre-training data config, so a
 changed setting builds a new model and an unchanged one is reused. It is built
 in a temporary directory and renamed into place under a file lock: concurrent
 runs (a sweep) build it once, and an interrupted build leaves nothing behind.
+irpo.builtin_build does the building, in a child process whose numeric libraries
+are pinned so that the weights are the same bits at any thread count, and records
+beside them their sha256 and M0's test accuracy; a cached model whose weights no
+longer match that checksum is built again, and the run logs both when it loads M0.
 
 The model is always pre-trained on arithmetic (the dataset config when it is
 ``arith``, else the default :class:`ArithConfig`), but its tokenizer is
@@ -29,7 +33,6 @@ import logging
 import math
 import os
 import shutil
-import time
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -43,13 +46,14 @@ from irpo.modeling import encode_prompt, encode_response
 log = logging.getLogger(__name__)
 
 # Bump when a code change alters what gets built, so stale caches are not reused.
-BUILD_VERSION = 1
+BUILD_VERSION = 2  # 2: built in irpo.builtin_build's reproducible mode, with a checksum record
 BOS, EOS, PAD = "<s>", "</s>", "<pad>"
 # What the built model depends on. A whitelist, so that fields about how it is
 # loaded or later trained (dtype, the iterations' lr) never trigger a rebuild.
 _MODEL_FIELDS_HASHED = (
     "builtin", "hidden_size", "num_layers", "num_heads", "intermediate_size", "vocab_size",
     "max_position_embeddings", "pretrain_steps", "pretrain_batch_size", "pretrain_lr", "pretrain_seed",
+    "pretrain_eval_size",
 )
 _DATA_FIELDS_HASHED = (
     "data_seed", "pretrain_size", "min_ops", "max_ops", "max_operand", "max_value", "prompt_template",
@@ -90,19 +94,28 @@ def builtin_model_dir(model_cfg: Any, dataset_cfg: Any, cache_dir: str | Path) -
 
 
 def ensure_builtin_model(model_cfg: ModelConfig, dataset_cfg: Any, cache_dir: str | Path) -> Path:
-    """The checkpoint directory of the built-in model, building it if it is not cached."""
+    """The checkpoint directory of the built-in model, building it if it is not cached.
+
+    A cached model is used only if its weights still match the sha256 its build
+    recorded; otherwise it is removed and built again. Logs the checksum and the
+    recorded test accuracy, so two runs can tell at once whether they start from the same M0.
+    """
+    from irpo.builtin_build import describe, read_record, verify
+
     if model_cfg.builtin != "tiny":
         raise ValueError(f"model.builtin={model_cfg.builtin!r}: the only built-in model is 'tiny'")
     check_architecture(model_cfg)
     final = builtin_model_dir(model_cfg, dataset_cfg, cache_dir)
-    if (final / "config.json").exists():
-        log.info("using the cached built-in model %s", final)
+    if (final / "config.json").exists() and _usable(final, verify):
+        log.info("using the cached built-in model %s: %s", final, describe(read_record(final)))
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(final) + ".lock"):
-        if (final / "config.json").exists():  # another process built it while we waited
-            log.info("built-in model appeared while waiting for the lock: %s", final)
-            return final
+        if (final / "config.json").exists():  # another process built it while we waited?
+            if _usable(final, verify):
+                log.info("using the built-in model %s: %s", final, describe(read_record(final)))
+                return final
+            _discard(final)
         tmp = final.parent / f"{final.name}.tmp-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         try:
@@ -110,10 +123,36 @@ def ensure_builtin_model(model_cfg: ModelConfig, dataset_cfg: Any, cache_dir: st
             os.replace(tmp, final)  # atomic: readers see all of it or nothing
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+    log.info("using the new built-in model %s: %s", final, describe(read_record(final)))
     return final
 
 
+def _usable(path: Path, verify: Any) -> bool:
+    ok, why = verify(path)
+    if not ok:
+        log.warning("the cached built-in model %s does not match its record (%s): building it again",
+                    path, why)
+    return ok
+
+
+def _discard(path: Path) -> None:
+    """Move a bad cached model out of the way first, so no reader sees it half removed."""
+    trash = path.parent / f"{path.name}.bad-{os.getpid()}"
+    os.replace(path, trash)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def _build(model_cfg: ModelConfig, data_cfg: ArithConfig, out: Path) -> None:
+    """Build M0 into ``out`` (irpo.builtin_build: in a child process, reproducibly)."""
+    from irpo.builtin_build import run_build
+
+    run_build(model_cfg, data_cfg, out)
+
+
 def check_architecture(model_cfg: ModelConfig) -> None:
+    if model_cfg.pretrain_eval_size < 0:
+        raise ValueError(f"model.pretrain_eval_size={model_cfg.pretrain_eval_size} must be >= 0 "
+                         "(0: do not measure M0's test accuracy)")
     hidden, heads = model_cfg.hidden_size, model_cfg.num_heads
     if heads < 1 or hidden % heads != 0:
         raise ValueError(f"model.hidden_size={hidden} must be divisible by model.num_heads={heads}")
@@ -123,31 +162,6 @@ def check_architecture(model_cfg: ModelConfig) -> None:
             f"model: head_dim = hidden_size / num_heads = {hidden}/{heads} = {hidden // heads} "
             "must be >= 32 (lower num_heads or raise hidden_size)"
         )
-
-
-def _build(model_cfg: ModelConfig, data_cfg: ArithConfig, out: Path) -> None:
-    from irpo.tasks.arith import ArithTask
-
-    start = time.perf_counter()
-    log.info("building the built-in model in %s", out)
-    examples = ArithTask(data_cfg).load_split("pretrain")
-    texts = [e.prompt + (e.gold_cot or "") for e in examples]
-    tokenizer = build_tokenizer(texts, model_cfg.vocab_size)
-    model = build_model(model_cfg, tokenizer)
-    log.info("pre-training %.2fM parameters for %d steps on %d examples",
-             model.num_parameters() / 1e6, model_cfg.pretrain_steps, len(examples))
-    pairs = [(e.prompt, e.gold_cot or "") for e in examples]
-    losses = pretrain(model, tokenizer, pairs, model_cfg)
-    out.mkdir(parents=True)
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    info = {
-        "build_key": build_key(model_cfg, data_cfg),
-        "final_loss": losses[-1] if losses else None,
-        "seconds": round(time.perf_counter() - start, 1),
-    }
-    (out / "irpo_builtin.json").write_text(json.dumps(info, indent=2))
-    log.info("built-in model done in %.0f s (final loss %.3f)", info["seconds"], info["final_loss"] or 0)
 
 
 def build_tokenizer(texts: list[str], vocab_size: int) -> Any:

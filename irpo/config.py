@@ -106,6 +106,9 @@ class ModelConfig:
     pretrain_batch_size: int = 64
     pretrain_lr: float = 3e-3
     pretrain_seed: int = 0
+    # M0's greedy accuracy on this many arith test problems is measured when it is built
+    # and recorded beside its weights (0: not measured).
+    pretrain_eval_size: int = 1000
 
 
 # ---------------------------------------------------------------------- sampler

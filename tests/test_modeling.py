@@ -18,6 +18,7 @@ from irpo.builtin_model import (
     ensure_builtin_model,
     lr_factor,
 )
+from irpo.builtin_build import weights_checksum
 from irpo.config import ArithConfig, HubTaskConfig, ModelConfig
 from irpo.modeling import (
     encode_prompt,
@@ -33,6 +34,7 @@ from irpo.modeling import (
 TINY = ModelConfig(
     name="tiny", builtin="tiny", hidden_size=64, num_heads=2, num_layers=2, intermediate_size=128,
     vocab_size=320, max_position_embeddings=512, pretrain_steps=20, pretrain_batch_size=8,
+    pretrain_eval_size=16,
 )
 DATA = ArithConfig(pretrain_size=200, train_size=8, valid_size=8, test_size=8)
 GSM8K = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "gsm8k" / "test.jsonl"
@@ -89,10 +91,15 @@ def test_concurrent_builds_build_once(tmp_path, monkeypatch):
     calls = []
 
     def fake_build(model_cfg, data_cfg, out):
+        from safetensors.torch import save_file
+
         calls.append(out)
         time.sleep(0.3)
         out.mkdir(parents=True)
         (out / "config.json").write_text("{}")
+        save_file({"w": torch.zeros(2)}, out / "model.safetensors")
+        record = {"sha256": weights_checksum(out), "test_accuracy": 0.5, "eval_size": 2}
+        (out / "irpo_builtin.json").write_text(json.dumps(record))
 
     monkeypatch.setattr(builtin_model, "_build", fake_build)
     results = []

@@ -1,0 +1,226 @@
+"""The reproducible build of the built-in model M0, and its record (checksum, accuracy).
+
+irpo.builtin_model decides *whether* M0 must be built; this module builds it so that
+the same config gives the same weights, bit for bit, at any thread count:
+
+* The build runs in a child process (``python -m irpo.builtin_build SPEC``) whose
+  environment pins the numeric code paths, because these switches are read only when
+  the math libraries load, before any ``import torch`` in the caller could be undone:
+  ``MKL_CBWR=AVX2,STRICT`` (oneMKL's strict reproducibility mode: its GEMMs, the
+  only BLAS calls a Llama makes, give the same bits whatever the number of threads,
+  and the same bits on every Intel CPU with AVX2), ``ATEN_CPU_CAPABILITY=avx2``
+  (PyTorch's own vectorised kernels take their AVX2 versions on AVX-512 machines too,
+  so the width of their reductions does not depend on the CPU), and
+  ``ONEDNN_MAX_CPU_ISA=AVX2`` for any oneDNN kernel. Measured on this project's
+  machine: without the first switch, 30 pre-training steps at 1 and 2 threads already
+  give different weights; with it they match after the whole build.
+* Nothing else depends on the machine: one process, no data-loader workers, every
+  random draw from generators seeded by ``model.pretrain_seed``.
+
+On a non-Intel CPU oneMKL ignores the AVX2 branch and picks its own kernels, so an
+AMD machine may round differently; there the pre-training settings (conf/model/tiny.yaml)
+are chosen so that builds which differ in rounding land within about a point of each
+other in accuracy (README, "The built-in model M0").
+
+The build writes ``irpo_builtin.json`` beside the weights: the build key, the sha256
+of the weight tensors (:func:`weights_checksum`) and M0's greedy accuracy on the first
+``model.pretrain_eval_size`` test problems of the arithmetic task, measured as the run's
+iteration-0 evaluation measures it (``sampler=hf``, batches of 64, greedy).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import platform
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+RECORD = "irpo_builtin.json"
+# Read by oneMKL, ATen and oneDNN when they load, hence set for a child process.
+REPRODUCIBLE_ENV = {
+    "MKL_CBWR": "AVX2,STRICT",
+    "ATEN_CPU_CAPABILITY": "avx2",
+    "ONEDNN_MAX_CPU_ISA": "AVX2",
+    "MKL_DYNAMIC": "FALSE",  # the thread count does not change the bits, but keep it fixed
+}
+EVAL_MAX_NEW_TOKENS = 96  # conf/dataset/arith.yaml's max_new_tokens
+EVAL_BATCH_SIZE = 64  # conf/sampler/hf.yaml's batch_size: the same batches, the same greedy text
+
+log = logging.getLogger(__name__)
+
+
+def weights_checksum(model_dir: str | Path) -> str:
+    """sha256 over every weight tensor (name, dtype, shape, bytes), in name order.
+
+    Over the tensors, not the file, so that the checksum names the model and not the
+    way a library version lays out the safetensors header.
+    """
+    import torch
+    from safetensors import safe_open
+
+    files = sorted(Path(model_dir).glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{model_dir}: no *.safetensors weights")
+    tensors = {}
+    for f in files:
+        with safe_open(str(f), framework="pt") as st:
+            for name in st.keys():
+                tensors[name] = st.get_tensor(name)
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].contiguous()
+        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        digest.update(t.view(-1).view(torch.uint8).numpy().tobytes())  # any dtype, bf16 too
+    return digest.hexdigest()
+
+
+def read_record(model_dir: str | Path) -> dict[str, Any] | None:
+    try:
+        return json.loads((Path(model_dir) / RECORD).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def verify(model_dir: str | Path) -> tuple[bool, str]:
+    """(whether the weights match the recorded checksum, a reason when they do not)."""
+    record = read_record(model_dir)
+    if record is None or "sha256" not in record:
+        return False, f"no readable {RECORD} with a sha256"
+    try:
+        actual = weights_checksum(model_dir)
+    except Exception as err:  # a truncated or garbled safetensors file
+        return False, f"weights unreadable ({type(err).__name__}: {err})"
+    if actual != record["sha256"]:
+        return False, f"weights sha256 {actual[:12]} != recorded {record['sha256'][:12]}"
+    return True, ""
+
+
+def describe(record: dict[str, Any] | None) -> str:
+    """One line for the log: the checksum and the recorded accuracy."""
+    if record is None or "sha256" not in record:
+        return f"no {RECORD} record"
+    acc, n = record.get("test_accuracy"), record.get("eval_size")
+    where = f"greedy test accuracy {acc:.1%} on the first {n} arith test problems" if acc is not None \
+        else "test accuracy not measured (model.pretrain_eval_size=0)"
+    return f"sha256 {record['sha256'][:16]}, {where}"
+
+
+def run_build(model_cfg: Any, data_cfg: Any, out: Path) -> None:
+    """Build M0 into ``out`` in a child process with :data:`REPRODUCIBLE_ENV`."""
+    from irpo.builtin_model import _as_dict
+
+    spec = json.dumps({"model": _as_dict(model_cfg), "data": _as_dict(data_cfg), "out": str(out)})
+    cmd = [sys.executable, "-m", "irpo.builtin_build", spec]
+    # The progress bar and log lines go straight to the caller's terminal.
+    proc = subprocess.run(cmd, env={**os.environ, **REPRODUCIBLE_ENV})
+    if proc.returncode != 0:
+        raise RuntimeError(f"building the built-in model in {out} failed "
+                           f"(python -m irpo.builtin_build exited with {proc.returncode}; its log is above)")
+
+
+def build_here(model_cfg: Any, data_cfg: Any, out: Path) -> dict[str, Any]:
+    """Pre-train M0, save it to ``out``, measure it and write its record; returns the record."""
+    import torch
+
+    from irpo.builtin_model import build_key, build_model, build_tokenizer, pretrain
+    from irpo.tasks.arith import ArithTask
+
+    start = time.perf_counter()
+    log.info("building the built-in model in %s (%d threads; %s)", out, torch.get_num_threads(),
+             ", ".join(f"{k}={os.environ.get(k)}" for k in REPRODUCIBLE_ENV))
+    examples = ArithTask(data_cfg).load_split("pretrain")
+    texts = [e.prompt + (e.gold_cot or "") for e in examples]
+    tokenizer = build_tokenizer(texts, model_cfg.vocab_size)
+    model = build_model(model_cfg, tokenizer)
+    log.info("pre-training %.2fM parameters for %d steps on %d examples",
+             model.num_parameters() / 1e6, model_cfg.pretrain_steps, len(examples))
+    losses = pretrain(model, tokenizer, [(e.prompt, e.gold_cot or "") for e in examples], model_cfg)
+    out.mkdir(parents=True)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    pretrain_s = time.perf_counter() - start
+    accuracy = measure_accuracy(out, data_cfg, model_cfg.pretrain_eval_size)
+    record = {
+        "build_key": build_key(model_cfg, data_cfg),
+        "sha256": weights_checksum(out),
+        "test_accuracy": accuracy,
+        "eval_size": model_cfg.pretrain_eval_size,
+        "final_loss": losses[-1] if losses else None,
+        "seconds": round(time.perf_counter() - start, 1),
+        "pretrain_seconds": round(pretrain_s, 1),
+        "threads": torch.get_num_threads(),
+        "machine": {"cpu": _cpu_name(), "torch": torch.__version__,
+                    "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+                    **{k: os.environ.get(k) for k in REPRODUCIBLE_ENV}},
+    }
+    (out / RECORD).write_text(json.dumps(record, indent=2))
+    log.info("built-in model done in %.0f s (final loss %.3f): %s",
+             record["seconds"], record["final_loss"] or 0, describe(record))
+    return record
+
+
+def measure_accuracy(model_dir: Path, data_cfg: Any, size: int) -> float | None:
+    """Greedy accuracy on the first ``size`` test problems, as the run's iteration 0 measures it."""
+    if size <= 0:
+        return None
+    import dataclasses
+
+    from irpo.config import HFSamplerConfig
+    from irpo.evaluate import evaluate
+    from irpo.sampling.hf import HFSampler
+    from irpo.tasks.arith import ArithTask
+
+    task = ArithTask(dataclasses.replace(data_cfg, test_size=size))
+    sampler = HFSampler(str(model_dir), HFSamplerConfig(name="hf", batch_size=EVAL_BATCH_SIZE, device="cpu"))
+    try:
+        metrics = evaluate(task, sampler, task.load_split("test"), max_new_tokens=EVAL_MAX_NEW_TOKENS,
+                           maj_k=0, maj_temperature=0.0, seed=0, prefix="M0 test")
+    finally:
+        sampler.close()
+    return metrics["M0 test/accuracy"]
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _exit_with_parent() -> None:
+    """Stop when the process that started the build dies (its file lock is then gone,
+    and the next run would build into the same place beside an orphan)."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True, name="exit-with-parent").start()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Build the built-in model (called by irpo.builtin_model).")
+    parser.add_argument("spec", help='JSON: {"model": ModelConfig fields, "data": ArithConfig fields, "out": dir}')
+    spec = json.loads(parser.parse_args(argv).spec)
+    _exit_with_parent()
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
+    from irpo.config import ArithConfig, ModelConfig
+
+    build_here(ModelConfig(**spec["model"]), ArithConfig(**spec["data"]), Path(spec["out"]))
+
+
+if __name__ == "__main__":
+    main()
