@@ -4,23 +4,22 @@ irpo.builtin_model decides *whether* M0 must be built; this module builds it so 
 the same config gives the same weights, bit for bit, at any thread count:
 
 * The build runs in a child process (``python -m irpo.builtin_build SPEC``) whose
-  environment pins the numeric code paths, because these switches are read only when
-  the math libraries load, before any ``import torch`` in the caller could be undone:
-  ``MKL_CBWR=AVX2,STRICT`` (oneMKL's strict reproducibility mode: its GEMMs, the
-  only BLAS calls a Llama makes, give the same bits whatever the number of threads,
-  and the same bits on every Intel CPU with AVX2), ``ATEN_CPU_CAPABILITY=avx2``
-  (PyTorch's own vectorised kernels take their AVX2 versions on AVX-512 machines too,
-  so the width of their reductions does not depend on the CPU), and
-  ``ONEDNN_MAX_CPU_ISA=AVX2`` for any oneDNN kernel. Measured on this project's
-  machine: without the first switch, 30 pre-training steps at 1 and 2 threads already
-  give different weights; with it they match after the whole build.
+  environment pins the numeric code paths; the libraries read these switches only
+  when they load, so the caller, which has imported torch already, cannot set them:
+  ``MKL_CBWR=AVX2,STRICT`` (oneMKL's strict reproducibility mode: its GEMMs give the
+  same bits whatever the number of threads, and the same bits on every Intel CPU with
+  AVX2), ``ATEN_CPU_CAPABILITY=avx2`` (PyTorch's own vectorised kernels take their AVX2
+  versions on AVX-512 machines too, so the width of their reductions does not depend
+  on the CPU) and ``ONEDNN_MAX_CPU_ISA=AVX2`` for any oneDNN kernel. Measured on this
+  project's machine: without the first switch, 12 pre-training steps at 1 and 2
+  threads already give different weights (tests/test_builtin_model.py).
 * Nothing else depends on the machine: one process, no data-loader workers, every
   random draw from generators seeded by ``model.pretrain_seed``.
 
-On a non-Intel CPU oneMKL ignores the AVX2 branch and picks its own kernels, so an
-AMD machine may round differently; there the pre-training settings (conf/model/tiny.yaml)
-are chosen so that builds which differ in rounding land within about a point of each
-other in accuracy (README, "The built-in model M0").
+Not guaranteed: on a non-Intel CPU oneMKL ignores the AVX2 branch and picks its own
+kernels, and another torch or oneMKL version may round differently. The checksum then
+differs, and M0's accuracy may too: two pre-training seeds of the default schedule
+land far apart (README, "The built-in model M0").
 
 The build writes ``irpo_builtin.json`` beside the weights: the build key, the sha256
 of the weight tensors (:func:`weights_checksum`) and M0's greedy accuracy on the first
