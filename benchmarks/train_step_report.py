@@ -123,8 +123,9 @@ NOTES = [
     "accuracy for its metrics, and it scores every position on CPU (no Triton); with a "
     "474-token vocabulary this is small.",
     "- Padding: none here by construction. On real batches TRL pads chosen and rejected rows to "
-    "the longest prompt + response of the batch; ours pads prompts to the longest prompt and "
-    "responses to the longest response.",
+    "the longest prompt + response of the batch; ours packs each micro-batch into one row "
+    "without padding (irpo/training/packing.py). `--workload varlen` measures real pairs "
+    "(train_step_varlen.md).",
     "- With one epoch per iteration the reference pass (ours, `trl_pre`) and TRL's per-step "
     "reference forward do the same FLOPs, so whole-stage ratios are smaller than step ratios; "
     "the reference forward disappears when the sampler returns the log-probs (ref_logprobs.md).",
