@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from irpo.builtin_build import RECORD, measure_accuracy, read_record, verify, weights_checksum
-from irpo.builtin_model import ensure_builtin_model
+from irpo.builtin_model import ensure_builtin_model, pretrain_data_config
 from irpo.config import ArithConfig, ModelConfig
 
 # A reduced build: the default width (so that its GEMMs are big enough for oneMKL to
@@ -126,8 +126,8 @@ def test_recorded_accuracy_is_the_greedy_accuracy(tmp_path):
     yaml = OmegaConf.load(Path(__file__).resolve().parents[1] / "conf" / "model" / "tiny.yaml")
     model_cfg = ModelConfig(**{k: v for k, v in OmegaConf.to_container(yaml).items() if k != "defaults"})
     path = ensure_builtin_model(model_cfg, ArithConfig(), os.environ["IRPO_CACHE_DIR"])
-    n = 40
-    task = ArithTask(dataclasses.replace(ArithConfig(), test_size=n))
+    n, data = 40, pretrain_data_config(None)  # the default arithmetic task, other splits empty
+    task = ArithTask(dataclasses.replace(data, test_size=n))
     model, tok = AutoModelForCausalLM.from_pretrained(path), AutoTokenizer.from_pretrained(path)
     right = 0
     for ex in task.load_split("test"):
@@ -135,7 +135,7 @@ def test_recorded_accuracy_is_the_greedy_accuracy(tmp_path):
         out = model.generate(ids, do_sample=False, max_new_tokens=96, eos_token_id=tok.eos_token_id,
                              pad_token_id=tok.pad_token_id)
         right += task.is_correct(tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True), ex.gold_answer)
-    measured = measure_accuracy(path, ArithConfig(), n)
+    measured = measure_accuracy(path, data, n)
     assert 0.1 < measured < 0.9  # a model that answers some and misses some: the check means something
     # Batched (left-padded) and one-at-a-time decoding may break a near-tie differently.
     assert abs(measured * n - right) <= 1
