@@ -130,3 +130,6 @@ def test_sampler_references_give_the_first_step_loss_of_a_reference_pass(inputs)
     shifted = [{**p, "chosen_ref_logprob": p["chosen_ref_logprob"] + 1.0} for p in pairs]
     with pytest.raises(Exception, match="reference log-prob check"):
         first_step_loss("ours", inputs.model_dir, shifted, 2.0)
+    # ours_refpass and ours_padded drop them and compute their own.
+    assert first_step_loss("ours_refpass", inputs.model_dir, shifted, 2.0) == pytest.approx(
+        losses["ours_refpass"], abs=1e-5)
