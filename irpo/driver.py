@@ -120,7 +120,7 @@ def stage_sample(ctx: Context, t: int, model: Path, out: Path) -> dict:
 
 def scores_gold(cfg: Config) -> bool:
     """Whether the sample stage scores the gold CoTs (see :func:`score_gold`)."""
-    # return_logprobs is a field of sampler=vllm only, whose sampler has score().
+    # return_logprobs: a sampler that returns log-probs (hf, vllm) also scores gold CoTs (score()).
     return bool(cfg.method.dpo and cfg.dataset.add_gold_to_winners and cfg.trainer.sampler_ref_logprobs
                 and getattr(cfg.sampler, "return_logprobs", False)
                 and getattr(cfg.sampler, "nodes", 1) == 1)
