@@ -293,7 +293,7 @@ def test_e2e_missing_data_dir(tmp_path):
     proc = run_main(FAST + GSM8K_SMALL + ["dataset.data_dir=/nonexistent"], out, check=False)
     assert_one_error_line(
         proc, "dataset.data_dir='/nonexistent' holds no gsm8k train data; tried: /nonexistent "
-        "(not a directory). Point dataset.data_dir at a folder laid out like shared/data "
+        "(not a directory). Point dataset.data_dir at a data root with one folder per task "
         "(<dir>/gsm8k/train.jsonl) or at the gsm8k folder.")
     assert_nothing_created(out)
 

@@ -8,6 +8,8 @@ The end-to-end kill -9 of a real run is in test_faults.py.
 
 from __future__ import annotations
 
+import contextlib
+
 import json
 
 import pytest
@@ -179,6 +181,21 @@ def test_train_stage_without_a_step_checkpoint_clears_a_killed_attempts_leftover
     assert (out / "model" / "model.safetensors").read_text() == "new"
 
 
+@contextlib.contextmanager
+def requeue_on_usr2():
+    """SIGUSR2 raises Requeued, as submitit's handler re-queues and exits."""
+    import signal
+
+    def requeue(signum, frame):
+        raise Requeued
+
+    previous = signal.signal(signal.SIGUSR2, requeue)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGUSR2, previous)
+
+
 @pytest.mark.parametrize("signal_in_chunk", [0, 2])
 def test_a_signal_during_a_chunk_commits_it_then_hands_over(tmp_path, signal_in_chunk):
     """SLURM's warning during chunk k (the last one too): chunk k is committed, then the
@@ -196,15 +213,8 @@ def test_a_signal_during_a_chunk_commits_it_then_hands_over(tmp_path, signal_in_
             os.kill(os.getpid(), signal.SIGUSR2)
         return [{"i": i} for i in part]
 
-    def requeue(signum, frame):
-        raise Requeued
-
-    previous = signal.signal(signal.SIGUSR2, requeue)
-    try:
-        with pytest.raises(Requeued):
-            run_chunks(tmp_path, list(range(6)), 2, fn, "iter1/sample")
-    finally:
-        signal.signal(signal.SIGUSR2, previous)
+    with requeue_on_usr2(), pytest.raises(Requeued):
+        run_chunks(tmp_path, list(range(6)), 2, fn, "iter1/sample")
     assert sorted(p.name for p in (tmp_path / "chunks").glob("*.jsonl")) == [
         f"{k}.jsonl" for k in range(signal_in_chunk + 1)]
     assert run_chunks(tmp_path, list(range(6)), 2, fn, "iter1/sample") == [{"i": i} for i in range(6)]
@@ -225,15 +235,8 @@ def test_a_chunk_failed_by_the_signal_hands_over_rather_than_fails(tmp_path):
             raise RuntimeError("srun: task 1 exited on signal 12")
         return [{"i": i} for i in part]
 
-    def requeue(signum, frame):
-        raise Requeued
-
-    previous = signal.signal(signal.SIGUSR2, requeue)
-    try:
-        with pytest.raises(Requeued):
-            run_chunks(tmp_path, list(range(6)), 2, fn, "iter1/sample")
-    finally:
-        signal.signal(signal.SIGUSR2, previous)
+    with requeue_on_usr2(), pytest.raises(Requeued):
+        run_chunks(tmp_path, list(range(6)), 2, fn, "iter1/sample")
     assert [p.name for p in (tmp_path / "chunks").glob("*.jsonl")] == ["0.jsonl"]
     with pytest.raises(RuntimeError, match="exited on signal"):  # no signal: the error stands
         run_chunks(tmp_path, list(range(6)), 2,

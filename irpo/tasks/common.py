@@ -5,8 +5,8 @@ build on :class:`HubTask`.
 
 Data resolution (:func:`load_records`), first hit wins:
 
-1. ``dataset.data_dir`` from the config. It may be the data root (laid out like
-   ``shared/data``: ``<root>/gsm8k/train.jsonl``), the task's own folder (``<root>/gsm8k``), or a
+1. ``dataset.data_dir`` from the config. It may be the data root (one folder per
+   task: ``<root>/gsm8k/train.jsonl``), the task's own folder (``<root>/gsm8k``), or a
    folder written by ``datasets.save_to_disk`` (needs the ``datasets`` package). When it is set
    and holds nothing usable, that is an error: a typo must not silently fall through to the hub.
 2. The ``IRPO_DATA_DIR`` environment variable, a data root as above.
@@ -208,7 +208,7 @@ def load_records(cfg: Any, source: Source, split: str, *, hub_name: str | None =
             raise DataNotFoundError(
                 f"dataset.data_dir={data_dir!r} holds no {source.folder} {split} data; tried: "
                 + "; ".join(tried)
-                + f". Point dataset.data_dir at a folder laid out like shared/data "
+                + f". Point dataset.data_dir at a data root with one folder per task "
                 f"(<dir>/{source.folder}/{source.files[split]}) or at the {source.folder} folder."
             )
         return records
