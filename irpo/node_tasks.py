@@ -89,15 +89,19 @@ def run_tasks(cmd: Sequence[str], what: str, env: Mapping[str, str] | None = Non
     terminates the command, which srun and torchrun pass on to every task.
     """
     proc = subprocess.Popen(list(cmd), env=dict(env) if env is not None else None,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            errors="replace", bufsize=1)
-    tail: list[str] = []
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    tail = bytearray()
 
-    def pump() -> None:
-        for line in proc.stdout:
-            sys.stderr.write(line)
-            tail.append(line.rstrip("\n"))
-            del tail[:-400]  # the failure report is at the end
+    def pump() -> None:  # raw chunks, so that progress bars (\r) still update as they come
+        raw = getattr(sys.stderr, "buffer", None)
+        while chunk := proc.stdout.read1(65536):
+            if raw is not None:
+                raw.write(chunk)
+            else:
+                sys.stderr.write(chunk.decode(errors="replace"))
+            sys.stderr.flush()
+            tail.extend(chunk)
+            del tail[:-65536]  # the failure report is at the end
 
     reader = threading.Thread(target=pump, daemon=True)
     reader.start()
@@ -114,7 +118,7 @@ def run_tasks(cmd: Sequence[str], what: str, env: Mapping[str, str] | None = Non
     if poll:
         poll()
     if proc.returncode != 0:
-        raise _failure(what, tail, proc.returncode)
+        raise _failure(what, tail.decode(errors="replace").splitlines(), proc.returncode)
 
 
 def check_shared(paths: Mapping[str, Path], nodes: int, alloc, run=subprocess.run) -> None:
@@ -137,8 +141,8 @@ def check_shared(paths: Mapping[str, Path], nodes: int, alloc, run=subprocess.ru
             f.unlink(missing_ok=True)
     missing = re.findall(r"not shared: (\S+) (\S+)=(\S+)", proc.stdout + proc.stderr)
     if missing:
-        node, field, path = missing[0]
-        raise ValueError(f"{field}={path} is not visible from node {node} (of "
+        node, field, _ = missing[0]
+        raise ValueError(f"{field}={Path(paths[field]).resolve()} is not visible from node {node} (of "
                          f"{', '.join(alloc.nodes[:nodes])}): put it on a file system every "
                          f"node mounts at the same path")
     if proc.returncode != 0:
