@@ -17,6 +17,7 @@ the loss at the 1e-3 level and above.
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import sqlite3
 from pathlib import Path
@@ -28,6 +29,7 @@ from test_config import load
 from test_reference import recomputed_refs, with_refs
 from test_trainer import make_cfg, tiny_ckpt  # noqa: F401  (tiny_ckpt: a fixture)
 
+from irpo import node_tasks
 from irpo.config import ConfigError, DeepSpeedTrainerConfig, SamplerConfig
 from irpo.launch import Allocation
 from irpo.modeling import load_model
@@ -81,9 +83,9 @@ def test_worker_command_is_torchrun_locally_and_srun_in_an_allocation(tmp_path):
     assert local[1:] == ["-m", "torch.distributed.run", "--nproc-per-node=4", "--standalone",
                          "-m", MODULE, str(tmp_path)]
     slurm = launch_command(tcfg, tmp_path, alloc=ALLOC)
-    assert slurm[:7] == ["srun", "--overlap", "--nodes=2", "--ntasks=2", "--ntasks-per-node=1",
+    assert slurm[:8] == ["srun", "--overlap", "--nodes=2", "--ntasks=2", "--ntasks-per-node=1",
                          "--nodelist=gpu001,gpu002", "--kill-on-bad-exit=1", "--label"]
-    assert slurm[8:] == ["-m", "torch.distributed.run", "--nproc-per-node=4", "--nnodes=2",
+    assert slurm[9:] == ["-m", "torch.distributed.run", "--nproc-per-node=4", "--nnodes=2",
                          "--rdzv-backend=c10d", "--rdzv-endpoint=10.1.0.1:29742", "--rdzv-id=4242",
                          "-m", MODULE, str(tmp_path)]
     assert world_size(tcfg, ALLOC) == 8 and world_size(tcfg, None) == 4
@@ -94,7 +96,9 @@ def test_driver_side_launches_srun_and_logs_metrics_as_they_come(tmp_path, monke
     seen = {}
 
     class FakeWorkers:  # stands in for srun + torchrun: writes what rank 0 would
-        def __init__(self, cmd, env):
+        stdout = io.BytesIO(b"0: worker output\n")
+
+        def __init__(self, cmd, env, **pipes):
             seen.update(cmd=cmd, env=env)
             work = Path(cmd[-1])
             seen["request"] = (work / "request.pkl").exists()
@@ -108,7 +112,7 @@ def test_driver_side_launches_srun_and_logs_metrics_as_they_come(tmp_path, monke
         returncode = 0
 
     monkeypatch.setattr(deepspeed_trainer.Allocation, "from_env", staticmethod(lambda: ALLOC))
-    monkeypatch.setattr(deepspeed_trainer.subprocess, "Popen", FakeWorkers)
+    monkeypatch.setattr(node_tasks.subprocess, "Popen", FakeWorkers)
     monkeypatch.delenv("TORCH_EXTENSIONS_DIR", raising=False)
     cfg = dataclasses.replace(make_cfg(), trainer=ds_trainer(batch_size=8, num_processes=2),
                               cache_dir=str(tmp_path / "cache"))
