@@ -25,6 +25,7 @@ from irpo.builtin_model import ensure_builtin_model
 from irpo.chunks import discard_chunks, run_chunks, stage_chunk_size
 from irpo.config import Config, ConfigError, temperature_at
 from irpo.evaluate import evaluate
+from irpo.method import needs_reference
 from irpo.modeling import resolve_device
 from irpo.node_tasks import check_shared_folders
 from irpo.pairs import NoTrainingData, build_examples, pool_examples
@@ -121,7 +122,7 @@ def stage_sample(ctx: Context, t: int, model: Path, out: Path) -> dict:
 def scores_gold(cfg: Config) -> bool:
     """Whether the sample stage scores the gold CoTs (see :func:`score_gold`)."""
     # return_logprobs: a sampler that returns log-probs (hf, vllm) also scores gold CoTs (score()).
-    return bool(cfg.method.dpo and cfg.dataset.add_gold_to_winners and cfg.trainer.sampler_ref_logprobs
+    return bool(needs_reference(cfg) and cfg.dataset.add_gold_to_winners and cfg.trainer.sampler_ref_logprobs
                 and getattr(cfg.sampler, "return_logprobs", False)
                 and getattr(cfg.sampler, "nodes", 1) == 1)
 

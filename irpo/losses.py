@@ -1,26 +1,29 @@
 """Losses of every method, as pure functions of log-probabilities.
 
-No model code lives here: the trainer runs the policy (and, for DPO terms, the
+No model code lives here: the trainer runs the policy (and, for a preference loss, the
 reference) forward, turns logits into per-sequence log-probs with
 :func:`sequence_logprobs`, and hands those to :func:`preference_loss`::
 
     pc, n_c = sequence_logprobs(policy_logits_chosen, labels_chosen)
     pr, _ = sequence_logprobs(policy_logits_rejected, labels_rejected)
     out = preference_loss(pc, n_c, beta, alpha, policy_rejected=pr,
-                          ref_chosen=rc, ref_rejected=rr, dpo_weight=1.0)
+                          ref_chosen=rc, ref_rejected=rr, loss="sigmoid")
     out.loss.backward()
 
-The methods (the README's method table) are weightings of the same two terms (Pang et al.
-2024, eq. 1):
+The methods (the README's method table) are weightings of two terms (Pang et al.
+2024, eq. 1, with the DPO term generalised to a named preference loss):
 
-    loss = dpo_weight · mean_b DPO_b  +  alpha · mean_b (−log Mθ(w_b|x_b) / |w_b|)
+    loss = dpo_weight · mean_b PREF_b  +  alpha · mean_b (−log Mθ(w_b|x_b) / |w_b|)
 
-``rpo``: dpo_weight=1, alpha>0; ``dpo``: dpo_weight=1, alpha=0; ``sft`` and
-``star``: dpo_weight=0, alpha=1 (no rejected sequences or reference needed).
+PREF is the loss ``method.loss`` names in :data:`LOSSES`: ``sigmoid`` (DPO), ``ipo``
+(IPO) or ``none`` (no preference term; sft and star, which need neither rejected
+sequences nor a reference). Adding a loss is one per-example function here, with
+hand-derived tests, one :data:`LOSSES` entry, and a method YAML that names it.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -76,6 +79,25 @@ def dpo_loss(
     return -F.logsigmoid(beta * logits)
 
 
+def ipo_loss(
+    policy_chosen: Tensor,
+    policy_rejected: Tensor,
+    ref_chosen: Tensor,
+    ref_rejected: Tensor,
+    beta: float,
+) -> Tensor:
+    """Per-example IPO loss [B]: ((πc − rc) − (πr − rr) − 1/(2β))² (Azar et al. 2023, eq. 17).
+
+    β plays the paper's τ: the log-ratio margin the loss pulls each pair towards is
+    1/(2β), so a smaller β asks for a larger margin. The log-probs are the summed
+    sequence log-probs, as :func:`dpo_loss` uses them (TRL's ``ipo`` averages over
+    tokens instead); one sequence-level margin per pair keeps the two losses
+    comparable at the same β. The reference log-probs are detached, as in DPO.
+    """
+    logits = (policy_chosen - ref_chosen.detach()) - (policy_rejected - ref_rejected.detach())
+    return (logits - 1.0 / (2.0 * beta)) ** 2
+
+
 def nll_loss(chosen_logps: Tensor, chosen_lengths: Tensor) -> Tensor:
     """Per-example length-normalised NLL [B]: −log Mθ(w|x) / |w|.
 
@@ -92,12 +114,38 @@ def nll_loss(chosen_logps: Tensor, chosen_lengths: Tensor) -> Tensor:
     return -chosen_logps / chosen_lengths
 
 
+@dataclass(frozen=True)
+class PreferenceLoss:
+    """A named preference loss: its per-example function and what it needs as input."""
+
+    # (policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta) -> [B]; None: no term.
+    fn: Callable[[Tensor, Tensor, Tensor, Tensor, float], Tensor] | None
+    # Rejected sequences (data=pairs) and the reference's log-probs of chosen and rejected:
+    # the driver scores gold winners and the trainers compute reference log-probs only then.
+    needs_reference: bool
+
+
+# The names ``method.loss`` accepts (config validation lists them).
+LOSSES: dict[str, PreferenceLoss] = {
+    "sigmoid": PreferenceLoss(dpo_loss, needs_reference=True),  # DPO (Rafailov et al. 2023)
+    "ipo": PreferenceLoss(ipo_loss, needs_reference=True),  # IPO (Azar et al. 2023)
+    "none": PreferenceLoss(None, needs_reference=False),  # NLL only: sft, star
+}
+
+
+def get_loss(name: str) -> PreferenceLoss:
+    """The entry of :data:`LOSSES` called ``name``; ValueError listing the known names."""
+    if name not in LOSSES:
+        raise ValueError(f"unknown preference loss {name!r}; known: {', '.join(sorted(LOSSES))}")
+    return LOSSES[name]
+
+
 @dataclass
 class LossOutput:
     """The loss to back-propagate and the detached quantities worth logging."""
 
     loss: Tensor  # scalar, what backward() is called on
-    dpo: Tensor  # scalar mean of the DPO term (0 if disabled)
+    dpo: Tensor  # scalar mean of the preference term, DPO's or the named one (0 if disabled)
     nll: Tensor  # scalar mean of the normalised NLL (0 if disabled)
     chosen_rewards: Tensor  # [B] β(πc − rc), detached (zeros when no reference)
     rejected_rewards: Tensor  # [B] β(πr − rr), detached (zeros when no reference)
@@ -112,7 +160,7 @@ def _check_inputs(
     dpo_weight: float,
     others: dict[str, Tensor | None],
 ) -> bool:
-    """Validate the arguments of :func:`preference_loss`; True if DPO inputs are all given."""
+    """Validate the arguments of :func:`preference_loss`; True if pair inputs are all given."""
     if policy_chosen.dim() != 1:
         raise ValueError(
             f"preference_loss: policy_chosen must be [B], got shape {tuple(policy_chosen.shape)}"
@@ -132,7 +180,8 @@ def _check_inputs(
     if dpo_weight > 0 and missing:
         raise ValueError(
             f"preference_loss: dpo_weight={dpo_weight} needs {', '.join(missing)}; "
-            "pass the rejected and reference log-probs, or set dpo_weight=0 for an NLL-only method"
+            "pass the rejected and reference log-probs, or set dpo_weight=0 (or loss='none') "
+            "for an NLL-only method"
         )
     return not missing
 
@@ -147,14 +196,20 @@ def preference_loss(
     ref_chosen: Tensor | None = None,
     ref_rejected: Tensor | None = None,
     dpo_weight: float = 1.0,
+    loss: str = "sigmoid",
 ) -> LossOutput:
-    """``dpo_weight · mean(dpo_loss) + alpha · mean(nll_loss)`` plus reward statistics.
+    """``dpo_weight · mean(PREF) + alpha · mean(nll_loss)`` plus reward statistics.
 
-    All inputs are [B]. A term whose weight is 0 is not computed at all, so
-    alpha=0 gives exactly the DPO loss (and gradients), and NLL-only methods
-    need neither rejected sequences nor a reference. Raises ValueError on
-    missing DPO inputs, mismatched shapes or negative weights.
+    PREF is the per-example preference loss ``loss`` names in :data:`LOSSES`
+    (``sigmoid``: :func:`dpo_loss`; ``ipo``: :func:`ipo_loss`; ``none``: no term, as
+    dpo_weight=0). All inputs are [B]. A term whose weight is 0 is not computed at all,
+    so alpha=0 gives exactly the preference loss (and gradients), and NLL-only methods
+    need neither rejected sequences nor a reference. Raises ValueError on an unknown
+    loss, missing pair inputs, mismatched shapes or negative weights.
     """
+    pref = get_loss(loss).fn
+    if pref is None:  # loss="none": the NLL-only methods
+        dpo_weight = 0.0
     others = {
         "policy_rejected": policy_rejected,
         "ref_chosen": ref_chosen,
@@ -166,7 +221,7 @@ def preference_loss(
     nll = zero
     terms: list[Tensor] = []
     if dpo_weight > 0:
-        dpo = dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta).mean()
+        dpo = pref(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta).mean()
         terms.append(dpo_weight * dpo)
     if alpha > 0:
         nll = nll_loss(policy_chosen, chosen_lengths).mean()
@@ -174,7 +229,8 @@ def preference_loss(
     loss = terms[0] if len(terms) == 1 else terms[0] + terms[1]
 
     if have_pairs:
-        # Implicit DPO rewards; logged (also for NLL-only runs given a reference).
+        # Implicit DPO rewards β·log-ratio, whatever the loss (IPO's margin is the same
+        # log-ratio difference); logged, also for NLL-only runs given a reference.
         chosen_rewards = (beta * (policy_chosen - ref_chosen)).detach()
         rejected_rewards = (beta * (policy_rejected - ref_rejected)).detach()
     else:

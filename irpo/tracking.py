@@ -109,9 +109,12 @@ def run_label(resolved: dict) -> str:
     """The MLflow run name: what the run is, e.g. ``rpo β=0.1 α=4 seed=0``."""
     method = resolved["method"]
     parts = [method["name"]]
-    if method.get("dpo"):
+    # Run directories written before method.loss had booleans dpo and nll (irpo.sync reads them).
+    loss = method.get("loss", "sigmoid" if method.get("dpo") else "none")
+    weight = method.get("nll_weight", None if method.get("nll", True) else 0.0)
+    if loss != "none":  # β belongs to the preference term
         parts.append(f"β={resolved['beta']:g}")
-    if method.get("dpo") and method.get("nll"):
+    if loss != "none" and weight is None:  # the NLL weight follows the alpha knob
         parts.append(f"α={resolved['alpha']:g}")
     parts.append(f"seed={resolved['seed']}")
     if resolved["dataset"]["name"] != "arith":

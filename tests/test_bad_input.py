@@ -4,6 +4,7 @@ anything is created.
 * a data record without a required field: ``<file>:<line>: record has no '<field>' field``;
 * a data directory that is not there: the message names ``dataset.data_dir`` and the path;
 * ``samples_per_prompt`` below what a pairs method needs: a ConfigError naming the field;
+* an unknown ``method.loss``: a ConfigError naming the field and listing the known losses;
 * ``dataset=nosuch`` lists only real options, not the structured-config schemas.
 
 The end-to-end ones run ``python -m irpo.main`` (conftest.run_main); each fails at start-up,
@@ -239,6 +240,12 @@ def test_greedy_decoding_with_several_samples_is_refused():
     load("samples_per_prompt=4", "temperature=[1.0,0.0]", "iterations=1")  # 0 never used
 
 
+def test_unknown_loss_names_the_field_and_the_known_losses():
+    with pytest.raises(ConfigError) as info:
+        load("method.loss=hinge", "samples_per_prompt=1")  # also a pairs-method error: not shown
+    assert str(info.value) == "method.loss='hinge' is not a known loss; known: ipo, none, sigmoid"
+
+
 # --------------------------------------------------- 4. option lists and type checks
 
 
@@ -328,6 +335,12 @@ def test_e2e_empty_model_path(tmp_path):
     assert_one_error_line(proc, f"model.path={empty}: no Hugging Face checkpoint there "
                                 "(config.json missing); point it at a save_pretrained directory")
     assert_nothing_created(out)
+
+
+def test_e2e_unknown_loss(tmp_path):
+    proc = run_main(FAST + ["method.loss=hinge"], tmp_path, check=False)
+    assert_one_error_line(proc, "method.loss='hinge' is not a known loss; known: ipo, none, sigmoid")
+    assert_nothing_created(tmp_path)
 
 
 def test_e2e_one_sample_per_prompt(tmp_path):

@@ -9,8 +9,17 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ConfigKeyError, ValidationError
 
-from irpo.config import (ArithConfig, Config, ConfigError, HubTaskConfig, register_configs,
-                         temperature_at, to_config, validate)
+from irpo.config import (
+    ArithConfig,
+    Config,
+    ConfigError,
+    HubTaskConfig,
+    register_configs,
+    temperature_at,
+    to_config,
+    validate,
+)
+from irpo.method import needs_reference, nll_weight
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 register_configs()
@@ -63,6 +72,27 @@ def test_each_method_defaults_to_the_papers_iterations(overrides, want):
     assert load(*overrides).iterations == want
 
 
+@pytest.mark.parametrize("overrides, loss, weight, reference", [
+    (("method=rpo",), "sigmoid", 4.0, True),  # arith's alpha
+    (("method=rpo", "alpha=0.5"), "sigmoid", 0.5, True),  # the sweep knob
+    (("method=rpo", "alpha=0"), "sigmoid", 0.0, True),  # sweep_nll's DPO point
+    (("method=rpo", "dataset=gsm8k"), "sigmoid", 1.0, True),  # the paper's alpha
+    (("method=rpo_2x",), "sigmoid", 4.0, True),
+    (("method=dpo",), "sigmoid", 0.0, True),
+    (("method=ipo",), "ipo", 4.0, True),
+    (("method=ipo", "alpha=0"), "ipo", 0.0, True),  # plain IPO
+    (("method=rpo", "method.loss=ipo"), "ipo", 4.0, True),
+    (("method=sft",), "none", 1.0, False),
+    (("method=star", "alpha=3"), "none", 1.0, False),  # alpha does not apply to NLL-only methods
+    (("method=star_2x",), "none", 1.0, False),
+])
+def test_each_method_names_its_loss_and_nll_weight(overrides, loss, weight, reference):
+    """What the trainers read: the named loss, the NLL weight (alpha where the method follows
+    it), and whether reference log-probs are needed (the loss's property)."""
+    cfg = load(*overrides)
+    assert (cfg.method.loss, nll_weight(cfg), needs_reference(cfg)) == (loss, weight, reference)
+
+
 def test_paper_defaults_reach_top_level_knobs():
     cfg = load("dataset=gsm8k")
     assert (cfg.samples_per_prompt, cfg.pairs_per_prompt, cfg.iterations) == (30, 10, 4)
@@ -108,6 +138,9 @@ def test_unknown_method_names_the_group():
     (("method=dpo", "alpha=0.5"), "method=dpo .* alpha=0.5"),
     (("beta=0",), "beta=0"),
     (("alpha=-1",), "alpha=-1"),
+    (("method.nll_weight=-1",), r"method.nll_weight=-1.0 must be >= 0"),
+    (("method=sft", "method.nll_weight=0"), "method=sft: method.loss=none and an NLL weight of 0"),
+    (("method=star", "method.loss=ipo"), "method=star: method.loss=ipo needs data=pairs"),
     (("trainer.batch_size=10", "trainer.grad_accum=3"), "divisible"),
     (("model.path=/x",), "exactly one of model.path"),
     (("temperature=[]",), "temperature"),

@@ -40,7 +40,7 @@ def _loss_and_grads(path, pairs, checkpointing: bool):
             return _forward(*args, **kwargs)
         layer.mlp.forward = counted
     toks, _ = tokenize_examples(tok, pairs[:4], 256)
-    cfg = make_cfg(method="sft", dpo=False)  # NLL only: no reference log-probs needed
+    cfg = make_cfg(method="sft", loss="none", nll_weight=1.0)  # NLL only: no reference log-probs needed
     out, _, _ = micro_loss(model, toks, None, cfg, tok.pad_token_id)
     out.loss.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters()}

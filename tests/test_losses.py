@@ -2,8 +2,9 @@
 
 Every expected number is worked out in a comment from the formulas:
     DPO_b = −log σ(β z_b),   z_b = (πc − rc) − (πr − rr)
+    IPO_b = (z_b − 1/(2β))²
     NLL_b = −πc / |w|
-    loss  = dpo_weight · mean_b DPO_b + α · mean_b NLL_b
+    loss  = dpo_weight · mean_b PREF_b + α · mean_b NLL_b   (PREF: DPO, IPO or none)
 """
 
 from __future__ import annotations
@@ -14,7 +15,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from irpo.losses import dpo_loss, nll_loss, preference_loss, sequence_logprobs
+from irpo.losses import (
+    LOSSES,
+    dpo_loss,
+    get_loss,
+    ipo_loss,
+    nll_loss,
+    preference_loss,
+    sequence_logprobs,
+)
 
 LN2 = math.log(2.0)
 
@@ -149,6 +158,76 @@ def test_dpo_loss_is_stable_for_huge_margins():
     loss = dpo_loss(torch.tensor([0.0]), torch.tensor([-10000.0]), torch.tensor([0.0]),
                     torch.tensor([0.0]), 0.1)  # fmt: skip
     assert loss.item() == 0.0
+
+
+# --------------------------------------------------------------------- ipo_loss
+
+
+def test_ipo_loss_hand_computed_values_and_gradients():
+    # β = 0.5, so the target margin 1/(2β) = 1.
+    # pair 0: πc=−2, rc=−3, πr=−4, rr=−3.5: z = (−2+3) − (−4+3.5) = 1 − (−0.5) = 1.5
+    #         IPO = (1.5 − 1)² = 0.25
+    # pair 1: πc=−5, rc=−4, πr=−1, rr=−2:   z = (−5+4) − (−1+2) = −1 − 1 = −2
+    #         IPO = (−2 − 1)² = 9
+    pc = torch.tensor([-2.0, -5.0], requires_grad=True)
+    pr = torch.tensor([-4.0, -1.0], requires_grad=True)
+    rc = torch.tensor([-3.0, -4.0], requires_grad=True)
+    rr = torch.tensor([-3.5, -2.0], requires_grad=True)
+    losses = ipo_loss(pc, pr, rc, rr, 0.5)
+    torch.testing.assert_close(losses, torch.tensor([0.25, 9.0]), atol=0, rtol=0)
+    losses.sum().backward()
+    # d IPO_b / d πc_b = 2(z_b − 1) = [2·0.5, 2·(−3)] = [1, −6]; d / d πr_b = −that
+    torch.testing.assert_close(pc.grad, torch.tensor([1.0, -6.0]))
+    torch.testing.assert_close(pr.grad, torch.tensor([-1.0, 6.0]))
+    assert rc.grad is None and rr.grad is None  # the reference is detached, as in DPO
+
+
+@pytest.mark.parametrize("beta, want", [(0.1, 25.0), (0.5, 1.0), (2.0, 0.0625)])
+def test_ipo_at_the_reference_is_the_squared_target_margin(beta, want):
+    # policy = reference: z = 0, IPO = (0 − 1/(2β))² = 1/(4β²): β=0.1 -> 25, 0.5 -> 1, 2 -> 1/16
+    chosen, rejected = torch.tensor([-7.0, -1.0]), torch.tensor([-2.0, -9.0])
+    losses = ipo_loss(chosen, rejected, chosen.clone(), rejected.clone(), beta)
+    torch.testing.assert_close(losses, torch.full((2,), want), atol=1e-6, rtol=0)
+
+
+def test_ipo_plus_nll_combined_hand_computed():
+    # The pairs of test_ipo_loss_hand_computed_values_and_gradients, β = 0.5, α = 0.5,
+    # winner lengths [2, 4]: IPO mean = (0.25 + 9)/2 = 4.625
+    # NLL = [2/2, 5/4] = [1, 1.25], mean 1.125;  loss = 4.625 + 0.5 · 1.125 = 5.1875
+    # rewards β(πc − rc) = [0.5, −0.5], β(πr − rr) = [−0.25, 0.5]
+    # margins [0.75, −1.0] -> mean −0.125; accuracy [1, 0] -> 0.5
+    pc, pr = torch.tensor([-2.0, -5.0]), torch.tensor([-4.0, -1.0])
+    rc, rr = torch.tensor([-3.0, -4.0]), torch.tensor([-3.5, -2.0])
+    out = preference_loss(pc, torch.tensor([2, 4]), 0.5, 0.5, policy_rejected=pr,
+                          ref_chosen=rc, ref_rejected=rr, loss="ipo")
+    assert out.loss.item() == pytest.approx(5.1875, abs=1e-6)
+    assert (out.dpo.item(), out.nll.item()) == (pytest.approx(4.625), pytest.approx(1.125))
+    assert out.reward_margin.item() == pytest.approx(-0.125)
+    assert out.reward_accuracy.item() == 0.5
+
+
+# --------------------------------------------------------------------- registry
+
+
+def test_registry_names_each_loss_its_function_and_its_needs():
+    assert {n: (s.fn, s.needs_reference) for n, s in LOSSES.items()} == {
+        "sigmoid": (dpo_loss, True), "ipo": (ipo_loss, True), "none": (None, False)}
+    assert get_loss("ipo") is LOSSES["ipo"]
+
+
+def test_unknown_loss_lists_the_known_ones():
+    with pytest.raises(ValueError, match="unknown preference loss 'hinge'; known: ipo, none, sigmoid"):
+        get_loss("hinge")
+    with pytest.raises(ValueError, match="unknown preference loss 'hinge'"):
+        preference_loss(torch.tensor([-1.0]), torch.tensor([1]), 0.1, 1.0, loss="hinge")
+
+
+def test_loss_none_is_the_nll_only_method():
+    # No pair inputs needed; NLL 8/4 = 2, 3/3 = 1 -> mean 1.5, α = 1
+    out = preference_loss(torch.tensor([-8.0, -3.0]), torch.tensor([4, 3]), 0.1, 1.0, loss="none")
+    assert (out.loss.item(), out.dpo.item()) == (pytest.approx(1.5), 0.0)
+    with pytest.raises(ValueError, match="nothing to train"):
+        preference_loss(torch.tensor([-8.0]), torch.tensor([4]), 0.1, 0.0, loss="none")
 
 
 # --------------------------------------------------------------------- nll_loss

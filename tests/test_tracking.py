@@ -120,6 +120,11 @@ def test_run_record_reads_committed_stages_only(tmp_path):
 
 
 @pytest.mark.parametrize("method,dataset,want", [
+    ({"name": "rpo", "loss": "sigmoid", "nll_weight": None}, "arith", "rpo β=0.1 α=4 seed=0"),
+    ({"name": "dpo", "loss": "sigmoid", "nll_weight": 0.0}, "arith", "dpo β=0.1 seed=0"),
+    ({"name": "sft", "loss": "none", "nll_weight": 1.0}, "gsm8k", "gsm8k sft seed=0"),
+    ({"name": "ipo", "loss": "ipo", "nll_weight": None}, "arith", "ipo β=0.1 α=4 seed=0"),
+    # run directories from before method.loss (python -m irpo.sync reads them): the same labels
     ({"name": "rpo", "dpo": True, "nll": True}, "arith", "rpo β=0.1 α=4 seed=0"),
     ({"name": "dpo", "dpo": True, "nll": False}, "arith", "dpo β=0.1 seed=0"),
     ({"name": "sft", "dpo": False, "nll": True}, "gsm8k", "gsm8k sft seed=0"),

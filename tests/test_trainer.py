@@ -19,6 +19,7 @@ from irpo.config import (
     TorchTrainerConfig,
     TrainerConfig,
 )
+from irpo.losses import LOSSES
 from irpo.modeling import load_model
 from irpo.tasks.arith import ArithTask
 from irpo.training.torch_trainer import (
@@ -48,9 +49,11 @@ def tiny_ckpt(tmp_path_factory):
     return path, pairs
 
 
-def make_cfg(method="rpo", dpo=True, nll=True, **trainer) -> Config:
+def make_cfg(method="rpo", loss="sigmoid", nll_weight=None, **trainer) -> Config:
+    """``nll_weight`` None: the NLL weight is alpha (1.0 here), as for rpo."""
+    data = "pairs" if LOSSES[loss].needs_reference else "correct"
     return Config(dataset=ArithConfig(), model=ModelConfig(name="t", builtin="tiny"),
-                  method=MethodConfig(name=method, data="pairs" if dpo else "correct", dpo=dpo, nll=nll),
+                  method=MethodConfig(name=method, data=data, loss=loss, nll_weight=nll_weight),
                   sampler=SamplerConfig(name="hf"),
                   trainer=TorchTrainerConfig(name="torch", **{"lr": 1e-3, "batch_size": 8, "warmup_ratio": 0.0, **trainer}),
                   beta=0.1, alpha=1.0)
@@ -100,7 +103,7 @@ def test_gradient_accumulation_matches_one_big_batch(tiny_ckpt, tmp_path):
 
 def test_preference_training_separates_chosen_from_rejected(tiny_ckpt, tmp_path):
     path, pairs = tiny_ckpt
-    info, logged = run_train(make_cfg(method="dpo", nll=False, epochs=4.0), path, pairs, tmp_path)
+    info, logged = run_train(make_cfg(method="dpo", nll_weight=0.0, epochs=4.0), path, pairs, tmp_path)
     assert logged[0][1]["train/nll"] == 0.0
     last = logged[-1][1]
     assert last["rewards/margin"] > 0.05 and last["rewards/accuracy"] > 0.5
@@ -110,7 +113,7 @@ def test_preference_training_separates_chosen_from_rejected(tiny_ckpt, tmp_path)
 def test_nll_only_methods_need_no_reference(tiny_ckpt, tmp_path):
     path, pairs = tiny_ckpt
     sft_pairs = [{k: v for k, v in p.items() if k != "rejected"} for p in pairs]
-    info, logged = run_train(make_cfg(method="sft", dpo=False, epochs=3.0), path, sft_pairs, tmp_path)
+    info, logged = run_train(make_cfg(method="sft", loss="none", nll_weight=1.0, epochs=3.0), path, sft_pairs, tmp_path)
     assert "logps/rejected" not in logged[0][1] and logged[0][1]["train/dpo"] == 0.0
     assert logged[-1][1]["train/nll"] < logged[0][1]["train/nll"]
     assert "chosen_delta_end" not in info

@@ -58,6 +58,7 @@ from pathlib import Path
 import torch
 
 from irpo.launch import Allocation, stage_command
+from irpo.method import needs_reference
 from irpo.rundir import KILL_AT_STEP_ENV
 from irpo.training.reference import stage_reference
 from irpo.training.resume import (
@@ -300,7 +301,7 @@ def worker(work: Path) -> None:
     share = ds_config["train_micro_batch_size_per_gpu"] * tcfg.grad_accum  # a rank's part of a step
     resumed = ds_load_state(engine, Path(req["out_dir"]))  # irpo.training.resume
     refs_all, ref_info = (resumed["refs"], resumed["ref_info"]) if resumed else (None, {})
-    if cfg.method.dpo and resumed is None:  # in batches of that share (torch: of a step's batch)
+    if needs_reference(cfg) and resumed is None:  # in batches of that share (torch: of a step's batch)
         refs_all, ref_info = stage_reference(
             toks, lambda part: sharded_reference_logprobs(engine.module, part, tokenizer.pad_token_id,
                                                           share, device),

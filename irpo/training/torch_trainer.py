@@ -4,8 +4,8 @@ One training stage: M(t) starts from M(t-1), which is also the reference.
 Reference log-probs are taken from the sampler where it returned them and computed
 once up front for the rest (irpo.training.reference); each optimiser step then does
 one forward of chosen and rejected responses together (each pair's prompt run
-once and no padding: the micro-batch packed into one row, irpo.training.packing), the DPO + alpha*NLL
-loss of irpo.losses, gradient accumulation, clipping, AdamW, and a warm-up
+once and no padding: the micro-batch packed into one row, irpo.training.packing), the
+method's loss of irpo.losses (its named preference loss + NLL weight, irpo.method), gradient accumulation, clipping, AdamW, and a warm-up
 then decay schedule from ``transformers.get_scheduler``. Checkpoints are saved
 at evenly spaced steps; the caller picks the best on validation. The model, its
 batches and the reference log-probs live on ``trainer.device`` (auto: the GPU if
@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from irpo.losses import preference_loss
+from irpo.method import needs_reference, nll_weight
 from irpo.modeling import context_length, load_model, resolve_device
 from irpo.training.data import tokenize_examples
 from irpo.training.logprobs import examples_logprobs, reference_logprobs
@@ -59,13 +60,6 @@ def batch_order(n: int, steps: int, batch_size: int, seed: int) -> list[list[int
     return [order[i * batch_size : (i + 1) * batch_size] for i in range(steps)]
 
 
-def nll_weight(cfg) -> float:
-    """alpha for DPO+NLL (rpo); 0 without the NLL term (dpo); 1 for NLL-only methods (sft, star)."""
-    if not cfg.method.nll:
-        return 0.0
-    return cfg.alpha if cfg.method.dpo else 1.0
-
-
 def micro_loss(model, micro, refs, cfg, pad_id: int, device=None, layout: str | None = None):
     """Forward of one micro-batch (chosen and rejected responses together) and its LossOutput.
 
@@ -78,12 +72,10 @@ def micro_loss(model, micro, refs, cfg, pad_id: int, device=None, layout: str | 
     logps, lengths = examples_logprobs(model, micro, pad_id, device, layout or LAYOUT)
     b = len(micro)
     kwargs = {}
-    if cfg.method.dpo:
+    if needs_reference(cfg):
         kwargs = dict(policy_rejected=logps[b:], ref_chosen=refs[0], ref_rejected=refs[1])
-    out = preference_loss(
-        logps[:b], lengths[:b], cfg.beta, nll_weight(cfg),
-        dpo_weight=1.0 if cfg.method.dpo else 0.0, **kwargs,
-    )
+    out = preference_loss(logps[:b], lengths[:b], cfg.beta, nll_weight(cfg),
+                          loss=cfg.method.loss, **kwargs)
     return out, logps, b
 
 
@@ -151,9 +143,9 @@ def train(cfg, init_path: Path, examples: list[dict], out_dir: Path,
     toks, truncated = tokenize_for(model, tokenizer, examples)
     state = load_state(out_dir)
     refs_all, ref_info = None, {}
-    if cfg.method.dpo and state is not None:  # M(t-1)'s log-probs, saved with the state
+    if needs_reference(cfg) and state is not None:  # M(t-1)'s log-probs, saved with the state
         refs_all, ref_info = state["refs"], state["ref_info"]
-    elif cfg.method.dpo:
+    elif needs_reference(cfg):
         refs_all, ref_info = stage_reference(
             toks, lambda part: reference_logprobs(model, part, pad_id, tcfg.batch_size,
                                                   device=device, layout=LAYOUT),
