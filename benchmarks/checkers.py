@@ -39,8 +39,8 @@ from irpo.tasks import math as math_task
 from irpo.tasks.__main__ import dataset_config
 from irpo.tasks.common import read_jsonl
 from irpo.tasks.gsm8k import parse_number
+from irpo.tasks.math import check_pool as pool
 from irpo.tasks.math import hendrycks_equiv, last_boxed
-from irpo.tasks.timeout import pool
 
 ARC_FORMATS = (
     "Final answer: ({L})", "Final answer: {L}", "Final Answer: **{L}**", "final answer is {L}.",

@@ -33,7 +33,7 @@ sys.path.insert(0, str(REPO))
 
 from irpo.tasks import build_task
 from irpo.tasks.__main__ import dataset_config
-from irpo.tasks.timeout import pool
+from irpo.tasks.math import check_pool as pool
 
 DATA = REPO / "benchmarks" / "data" / "peer_cases"
 

@@ -3,8 +3,9 @@
 irpo.builtin_model decides *whether* M0 must be built; this module builds it so that
 the same config gives the same weights, bit for bit, at any thread count:
 
-* The build runs in a child process (``python -m irpo.builtin_build SPEC``) whose
-  environment pins the numeric code paths; the libraries read these switches only
+* The build runs in a child process (``python -m irpo.builtin_build SPEC``, started by
+  irpo.builtin_model) whose environment (irpo.builtin_record.REPRODUCIBLE_ENV) pins the
+  numeric code paths; the libraries read these switches only
   when they load, so the caller, which has imported torch already, cannot set them:
   ``MKL_CBWR=AVX2,STRICT`` (oneMKL's strict reproducibility mode: its GEMMs give the
   same bits whatever the number of threads, and the same bits on every Intel CPU with
@@ -21,7 +22,7 @@ kernels, and another torch or oneMKL version may round differently. The checksum
 differs, and M0's accuracy may too: two pre-training seeds of the default schedule
 land far apart (README, "The built-in model M0").
 
-The build writes ``irpo_builtin.json`` beside the weights: the build key, the sha256
+The build writes ``irpo_builtin.json`` (irpo.builtin_record) beside the weights: the build key, the sha256
 of the weight tensors (:func:`weights_checksum`) and M0's greedy accuracy on the first
 ``model.pretrain_eval_size`` test problems of the arithmetic task, measured as the run's
 iteration-0 evaluation measures it (``sampler=hf``, batches of 64, greedy).
@@ -30,99 +31,21 @@ iteration-0 evaluation measures it (``sampler=hf``, batches of 64, greedy).
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import os
 import platform
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
-RECORD = "irpo_builtin.json"
-# Read by oneMKL, ATen and oneDNN when they load, hence set for a child process.
-REPRODUCIBLE_ENV = {
-    "MKL_CBWR": "AVX2,STRICT",
-    "ATEN_CPU_CAPABILITY": "avx2",
-    "ONEDNN_MAX_CPU_ISA": "AVX2",
-    "MKL_DYNAMIC": "FALSE",  # the thread count does not change the bits, but keep it fixed
-}
+from irpo.builtin_record import RECORD, REPRODUCIBLE_ENV, describe, weights_checksum
+
 EVAL_MAX_NEW_TOKENS = 96  # conf/dataset/arith.yaml's max_new_tokens
 EVAL_BATCH_SIZE = 64  # conf/sampler/hf.yaml's batch_size: the same batches, the same greedy text
 
 log = logging.getLogger(__name__)
-
-
-def weights_checksum(model_dir: str | Path) -> str:
-    """sha256 over every weight tensor (name, dtype, shape, bytes), in name order.
-
-    Over the tensors, not the file, so that the checksum names the model and not the
-    way a library version lays out the safetensors header.
-    """
-    import torch
-    from safetensors import safe_open
-
-    files = sorted(Path(model_dir).glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"{model_dir}: no *.safetensors weights")
-    tensors = {}
-    for f in files:
-        with safe_open(str(f), framework="pt") as st:
-            for name in st.keys():
-                tensors[name] = st.get_tensor(name)
-    digest = hashlib.sha256()
-    for name in sorted(tensors):
-        t = tensors[name].contiguous()
-        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        digest.update(t.view(-1).view(torch.uint8).numpy().tobytes())  # any dtype, bf16 too
-    return digest.hexdigest()
-
-
-def read_record(model_dir: str | Path) -> dict[str, Any] | None:
-    try:
-        return json.loads((Path(model_dir) / RECORD).read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def verify(model_dir: str | Path) -> tuple[bool, str]:
-    """(whether the weights match the recorded checksum, a reason when they do not)."""
-    record = read_record(model_dir)
-    if record is None or "sha256" not in record:
-        return False, f"no readable {RECORD} with a sha256"
-    try:
-        actual = weights_checksum(model_dir)
-    except Exception as err:  # a truncated or garbled safetensors file
-        return False, f"weights unreadable ({type(err).__name__}: {err})"
-    if actual != record["sha256"]:
-        return False, f"weights sha256 {actual[:12]} != recorded {record['sha256'][:12]}"
-    return True, ""
-
-
-def describe(record: dict[str, Any] | None) -> str:
-    """One line for the log: the checksum and the recorded accuracy."""
-    if record is None or "sha256" not in record:
-        return f"no {RECORD} record"
-    acc, n = record.get("test_accuracy"), record.get("eval_size")
-    where = f"greedy test accuracy {acc:.1%} on the first {n} arith test problems" if acc is not None \
-        else "test accuracy not measured (model.pretrain_eval_size=0)"
-    return f"sha256 {record['sha256'][:16]}, {where}"
-
-
-def run_build(model_cfg: Any, data_cfg: Any, out: Path) -> None:
-    """Build M0 into ``out`` in a child process with :data:`REPRODUCIBLE_ENV`."""
-    from irpo.builtin_model import _as_dict
-
-    spec = json.dumps({"model": _as_dict(model_cfg), "data": _as_dict(data_cfg), "out": str(out)})
-    cmd = [sys.executable, "-m", "irpo.builtin_build", spec]
-    # The progress bar and log lines go straight to the caller's terminal.
-    proc = subprocess.run(cmd, env={**os.environ, **REPRODUCIBLE_ENV})
-    if proc.returncode != 0:
-        raise RuntimeError(f"building the built-in model in {out} failed "
-                           f"(python -m irpo.builtin_build exited with {proc.returncode}; its log is above)")
 
 
 def build_here(model_cfg: Any, data_cfg: Any, out: Path) -> dict[str, Any]:

@@ -33,6 +33,8 @@ import logging
 import math
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -40,6 +42,7 @@ import torch
 from filelock import FileLock
 from tqdm.auto import tqdm
 
+from irpo.builtin_record import REPRODUCIBLE_ENV, describe, read_record, verify
 from irpo.config import ArithConfig, ModelConfig
 from irpo.modeling import encode_prompt, encode_response
 
@@ -100,19 +103,17 @@ def ensure_builtin_model(model_cfg: ModelConfig, dataset_cfg: Any, cache_dir: st
     recorded; otherwise it is removed and built again. Logs the checksum and the
     recorded test accuracy, so two runs can tell at once whether they start from the same M0.
     """
-    from irpo.builtin_build import describe, read_record, verify
-
     if model_cfg.builtin != "tiny":
         raise ValueError(f"model.builtin={model_cfg.builtin!r}: the only built-in model is 'tiny'")
     check_architecture(model_cfg)
     final = builtin_model_dir(model_cfg, dataset_cfg, cache_dir)
-    if (final / "config.json").exists() and _usable(final, verify):
+    if (final / "config.json").exists() and _usable(final):
         log.info("using the cached built-in model %s: %s", final, describe(read_record(final)))
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(final) + ".lock"):
         if (final / "config.json").exists():  # another process built it while we waited?
-            if _usable(final, verify):
+            if _usable(final):
                 log.info("using the built-in model %s: %s", final, describe(read_record(final)))
                 return final
             _discard(final)
@@ -127,7 +128,7 @@ def ensure_builtin_model(model_cfg: ModelConfig, dataset_cfg: Any, cache_dir: st
     return final
 
 
-def _usable(path: Path, verify: Any) -> bool:
+def _usable(path: Path) -> bool:
     ok, why = verify(path)
     if not ok:
         log.warning("the cached built-in model %s does not match its record (%s): building it again",
@@ -143,10 +144,15 @@ def _discard(path: Path) -> None:
 
 
 def _build(model_cfg: ModelConfig, data_cfg: ArithConfig, out: Path) -> None:
-    """Build M0 into ``out`` (irpo.builtin_build: in a child process, reproducibly)."""
-    from irpo.builtin_build import run_build
-
-    run_build(model_cfg, data_cfg, out)
+    """Build M0 into ``out`` in a child process (``python -m irpo.builtin_build``) with
+    :data:`irpo.builtin_record.REPRODUCIBLE_ENV`."""
+    spec = json.dumps({"model": _as_dict(model_cfg), "data": _as_dict(data_cfg), "out": str(out)})
+    cmd = [sys.executable, "-m", "irpo.builtin_build", spec]
+    # The progress bar and log lines go straight to the caller's terminal.
+    proc = subprocess.run(cmd, env={**os.environ, **REPRODUCIBLE_ENV}, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"building the built-in model in {out} failed "
+                           f"(python -m irpo.builtin_build exited with {proc.returncode}; its log is above)")
 
 
 def check_architecture(model_cfg: ModelConfig) -> None:

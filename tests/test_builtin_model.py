@@ -14,8 +14,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from irpo.builtin_build import RECORD, measure_accuracy, read_record, verify, weights_checksum
+from irpo.builtin_build import measure_accuracy
 from irpo.builtin_model import ensure_builtin_model, pretrain_data_config
+from irpo.builtin_record import RECORD, read_record, verify, weights_checksum
 from irpo.config import ArithConfig, ModelConfig
 
 # A reduced build: the default width (so that its GEMMs are big enough for oneMKL to

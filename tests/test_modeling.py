@@ -18,7 +18,7 @@ from irpo.builtin_model import (
     ensure_builtin_model,
     lr_factor,
 )
-from irpo.builtin_build import weights_checksum
+from irpo.builtin_record import weights_checksum
 from irpo.config import ArithConfig, HubTaskConfig, ModelConfig
 from irpo.modeling import (
     encode_prompt,

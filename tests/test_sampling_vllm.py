@@ -208,7 +208,7 @@ def test_shards_merge_to_the_one_engine_result(setup, engine, tmp_path):
         engine.cfg = CFG
     (cmd,) = commands
     assert cmd[:2] == ["srun", "--overlap"] and "--nodes=3" in cmd and "--ntasks-per-node=1" in cmd
-    assert cmd[-3:-1] == ["-m", "irpo.sampling.shards"]
+    assert cmd[-3:-1] == ["-m", "irpo.sampling.vllm"]  # the node entry point starts vLLM
     assert not any(tmp_path.iterdir())  # the request and shard files are cleaned up
     assert same(merged, engine.generate(prompts[:10], 3, 1.0, cfg.dataset.max_new_tokens, seed=11))
     # The request file the nodes read round-trips (a fresh engine would be built from it).

@@ -23,7 +23,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from irpo.tasks.math import answers_equal
-from irpo.tasks.timeout import BoundedPool, CheckTimeout
+from irpo.tasks.timeout import BoundedPool, CheckTimeout, hang
 
 TASKS = ("gsm8k", "math", "arc_challenge")
 GOLDS = {"gsm8k": ("18", "0.5"), "math": ("\\frac{1}{2}", "10^{10^{10^{10}}}"), "arc_challenge": ("C",)}
@@ -135,7 +135,7 @@ def test_planted_side_effects_never_happen(tmp_path):
 
 
 def test_worker_that_never_returns_is_killed_and_replaced():
-    pool = BoundedPool(max_workers=1, limit_s=1.0)
+    pool = BoundedPool({"math_equal": answers_equal, "selftest_hang": hang}, max_workers=1, limit_s=1.0)
     try:
         assert pool.call("math_equal", "\\frac{1}{2}", "0.5") is True
         start = time.perf_counter()

@@ -1,12 +1,14 @@
 """Multi-node vLLM sampling: one engine per node over a contiguous shard of the prompts, merged.
 
-Used by :class:`irpo.sampling.vllm.VLLMSampler` when ``sampler.nodes`` > 1
-inside a SLURM allocation. The driver writes the call (encoded prompts, n,
-temperature, seed, the sampler config) to ``<shard_dir>/<id>/request.json``
-(by default next to the checkpoint, which every node reads) and runs, through
-:func:`irpo.launch.per_node_command`,
+Used by a sampler that runs one engine per node (:class:`irpo.sampling.vllm.VLLMSampler`
+when ``sampler.nodes`` > 1 inside a SLURM allocation); this module knows the sampler only
+through what it passes in. The driver writes the call (encoded prompts, n, temperature,
+seed, the sampler config) to ``<shard_dir>/<id>/request.json`` (by default next to the
+checkpoint, which every node reads) and runs, through :func:`irpo.launch.per_node_command`,
+the sampler's node entry point (``sampler.node_module``; its ``__main__`` calls :func:`main`
+with a function that starts one node's engine from the request)::
 
-    srun --nodes=N --ntasks-per-node=1 ... python -m irpo.sampling.shards <request.json>
+    srun --nodes=N --ntasks-per-node=1 ... python -m irpo.sampling.vllm <request.json>
 
 Task k (SLURM_PROCID) starts its own engine (tensor parallel over its node's
 GPUs), generates prompts ``shard_bounds(P, N, k)`` seeded by their global
@@ -25,7 +27,7 @@ never rerun (a changed config) stay in ``shard_dir`` until removed by hand.
 
 By hand, e.g. to re-run shard 1 of 2 of a failed call::
 
-    python -m irpo.sampling.shards outputs/vllm-shards/<id>/request.json --shard 1
+    python -m irpo.sampling.vllm outputs/vllm-shards/<id>/request.json --shard 1
 """
 
 from __future__ import annotations
@@ -37,13 +39,16 @@ import json
 import logging
 import os
 import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from irpo.sampling import Generation
 
 log = logging.getLogger(__name__)
+
+# A node's engine from a request (dict of request.json): the sampler's own start-up.
+StartEngine = Callable[[dict], Any]
 
 
 def shard_bounds(num_prompts: int, num_shards: int, shard: int) -> tuple[int, int]:
@@ -113,14 +118,18 @@ def shard_path(request_path: Path, shard: int) -> Path:
     return Path(request_path).with_name(f"shard-{shard}.jsonl")
 
 
-def run_shard(request_path: Path, shard: int, sampler: Any = None) -> Path:
+def run_shard(request_path: Path, shard: int, sampler: Any = None,
+              start_engine: StartEngine | None = None) -> Path:
     """Generate shard ``shard`` of a request into ``shard-<shard>.jsonl`` (atomically).
 
     Works in committed chunks (irpo.chunks) that a rerun reuses; a finished shard is
-    not redone. ``sampler`` is an engine to use (tests); by default one is started here,
-    and only if something is left to generate.
+    not redone. ``sampler`` is an engine to use (tests); else ``start_engine(request)``
+    starts one here, and only if something is left to generate.
     """
     from irpo.chunks import discard_chunks, run_chunks
+
+    if sampler is None and start_engine is None:
+        raise ValueError("run_shard: give an engine (sampler) or a way to start one (start_engine)")
 
     out = shard_path(request_path, shard)
     if out.is_file():
@@ -132,7 +141,7 @@ def run_shard(request_path: Path, shard: int, sampler: Any = None) -> Path:
 
     def one_chunk(first: int, part: list[list[int]]) -> list[dict]:
         if engine[0] is None:
-            engine[0] = _start_engine(req)
+            engine[0] = start_engine(req)
         gens = engine[0].generate_ids(
             part, req["n"], req["temperature"], req["max_new_tokens"], req["seed"],
             first_index=req.get("first_index", 0) + start + first,
@@ -153,14 +162,6 @@ def run_shard(request_path: Path, shard: int, sampler: Any = None) -> Path:
     discard_chunks(stage)
     stage.rmdir()
     return out
-
-
-def _start_engine(req: dict) -> Any:
-    from irpo.config import VLLMSamplerConfig
-    from irpo.sampling.vllm import VLLMSampler
-
-    cfg = VLLMSamplerConfig(**{**req["sampler"], "nodes": 1})
-    return VLLMSampler(req["model_path"], cfg, req["dtype"])
 
 
 def merge_shards(work: Path, num_prompts: int, num_shards: int) -> list[list[Generation]]:
@@ -188,6 +189,7 @@ def generate_on_nodes(sampler: Any, encoded: list[list[int]], n: int, temperatur
                       run=None, first_index: int = 0) -> list[list[Generation]]:
     """One engine per node of the allocation over a shard each; the merged result.
 
+    Each node runs ``python -m <sampler.node_module> <request.json>`` (see the module doc).
     ``run(cmd, check=True)`` replaces srun in tests; by default a failed node raises
     irpo.node_tasks.NodeTaskFailed naming the node, the task and the log.
     """
@@ -201,7 +203,7 @@ def generate_on_nodes(sampler: Any, encoded: list[list[int]], n: int, temperatur
     if all(shard_path(request, k).is_file() for k in range(nodes)):
         log.info("every shard of %s is done (an earlier attempt); merging", request.parent)
     else:
-        cmd = per_node_command(["-m", "irpo.sampling.shards", str(request.resolve())],
+        cmd = per_node_command(["-m", sampler.node_module, str(request.resolve())],
                                nodes=nodes, alloc=alloc)
         log.info("sampling on %d nodes: %s", nodes, " ".join(cmd))
         if run is None:
@@ -215,9 +217,9 @@ def generate_on_nodes(sampler: Any, encoded: list[list[int]], n: int, temperatur
     return gens
 
 
-def main(args: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m irpo.sampling.shards",
-                                     description=__doc__.split("\n")[0])
+def main(start_engine: StartEngine, prog: str, args: Sequence[str] | None = None) -> None:
+    """One node's task: the command line of a sampler's node entry point (``prog``)."""
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
     parser.add_argument("request", type=Path)
     parser.add_argument("--shard", type=int, default=None,
                         help="which shard (default: SLURM_PROCID, one task per node)")
@@ -226,8 +228,4 @@ def main(args: Sequence[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO)
     log.info("shard %d on node %s (SLURM task %s)", shard,
              os.environ.get("SLURMD_NODENAME", os.uname().nodename), os.environ.get("SLURM_PROCID", "-"))
-    print(run_shard(ns.request, shard))
-
-
-if __name__ == "__main__":
-    main()
+    print(run_shard(ns.request, shard, start_engine=start_engine))

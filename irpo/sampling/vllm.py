@@ -32,7 +32,9 @@ prompts are prefilled whole (see _start_engine). Models need head_dim >= 32.
 
 Multi-node (``nodes`` > 1 inside a SLURM allocation): the driver holds no
 engine; each ``generate`` runs one engine per node over a contiguous shard of
-the prompts and merges the shards (irpo/sampling/shards.py).
+the prompts and merges the shards (irpo/sampling/shards.py). Each node runs this
+module (``python -m irpo.sampling.vllm <request.json> [--shard k]``), which starts
+its engine from the request (:func:`engine_from_request`).
 
 Log-probs (``return_logprobs``): ``Generation.logprob`` is the summed log-prob,
 under the sampled model at temperature 1 (vLLM's raw log-probs), of
@@ -67,6 +69,8 @@ from irpo.modeling import (
 )
 from irpo.sampling import Generation
 from irpo.sampling.hf import _check_args
+from irpo.sampling.shards import check_allocation, generate_on_nodes
+from irpo.sampling.shards import main as shard_main
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +112,9 @@ def _engine_environment(cfg: Any, on_cpu: bool, in_process: bool) -> dict[str, s
 
 
 class VLLMSampler:
+    # What each node of a sharded call runs (python -m ...; irpo.sampling.shards).
+    node_module = "irpo.sampling.vllm"
+
     def __init__(self, model_path: str | Path, cfg: Any, dtype: str = "float32"):
         self.cfg = cfg
         self.model_path = str(model_path)
@@ -119,8 +126,6 @@ class VLLMSampler:
         if cfg.nodes < 1:
             raise ValueError(f"sampler.nodes={cfg.nodes} must be >= 1")
         if cfg.nodes > 1:  # engines run on the allocation's nodes, one per generate call
-            from irpo.sampling.shards import check_allocation
-
             check_allocation(cfg.nodes)
             import_vllm()  # fail here, not on the nodes
             return
@@ -206,8 +211,6 @@ class VLLMSampler:
         encoded = [encode_prompt(self.tokenizer, p) for p in prompts]
         self._check_lengths(encoded, max_new_tokens)
         if self.cfg.nodes > 1:
-            from irpo.sampling.shards import generate_on_nodes
-
             return generate_on_nodes(self, encoded, n, temperature, max_new_tokens, seed,
                                      first_index=first_index)
         return self.generate_ids(encoded, n, temperature, max_new_tokens, seed,
@@ -302,3 +305,15 @@ def _checkpoint_limits(path: str, tokenizer: Any) -> tuple[list[int], int | None
         gen_cfg = None
     model_like = SimpleNamespace(generation_config=gen_cfg, config=AutoConfig.from_pretrained(path))
     return eos_token_ids(model_like, tokenizer), context_length(model_like)
+
+
+def engine_from_request(req: dict) -> VLLMSampler:
+    """One node's engine for its shard of a sharded call (``req``: the request.json)."""
+    from irpo.config import VLLMSamplerConfig
+
+    cfg = VLLMSamplerConfig(**{**req["sampler"], "nodes": 1})
+    return VLLMSampler(req["model_path"], cfg, req["dtype"])
+
+
+if __name__ == "__main__":
+    shard_main(engine_from_request, prog=f"python -m {VLLMSampler.node_module}")

@@ -39,6 +39,7 @@ from typing import Any
 from irpo.tasks.answer_text import box_spans, locate, several_values, tidy
 from irpo.tasks.base import Example, register
 from irpo.tasks.common import DataError, HubTask, Source, load_records, render
+from irpo.tasks.timeout import CheckError, CheckTimeout, lazy_pool
 
 INSTRUCTION = (
     "Your task is to answer the question below. Give step by step reasoning before you answer, "
@@ -238,21 +239,22 @@ def warm_up() -> None:
     answers_equal("\\frac{1}{2}", "0.5")
 
 
+# The worker pool that runs answers_equal (irpo.tasks.timeout), started on first use.
+check_pool = lazy_pool({"math_equal": answers_equal}, warm_up=warm_up)
+
 _VERDICTS: dict[tuple[str, str], bool] = {}  # N samples of a prompt often share an answer
 _MAX_VERDICTS = 200_000
 
 
 def is_equal(pred: str, gold: str) -> bool:
     """Bounded equality in the caller's process (any thread); failures and timeouts are False."""
-    from irpo.tasks.timeout import CheckError, CheckTimeout, pool
-
     if pred.strip() == gold.strip():
         return True
     key = (pred, gold)
     if key in _VERDICTS:
         return _VERDICTS[key]
     try:
-        verdict = bool(pool().call("math_equal", pred, gold))
+        verdict = bool(check_pool().call("math_equal", pred, gold))
     except (CheckTimeout, CheckError):
         return False  # not remembered: a timeout may come from a busy machine
     if len(_VERDICTS) >= _MAX_VERDICTS:

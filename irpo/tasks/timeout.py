@@ -19,9 +19,16 @@ Worker start-up (~0.5 s: importing sympy and math-verify) is not part of a check
 starts when the request is sent to a ready worker. A worker that cannot start at all is an error
 of the installation, raised as RuntimeError, never a silent "incorrect".
 
-Only functions named in ``ALLOWED`` run in a worker. Protocol: one JSON line per request
-``{"f": name, "a": [args], "t": soft_limit}`` -> ``{"ok": result}`` | ``{"timeout": 1}`` |
-``{"error": "..."}``. Launched by :class:`BoundedPool` as ``python -m irpo.tasks.timeout``.
+The pool knows its checks only as the functions its client hands it::
+
+    pool = lazy_pool({"math_equal": answers_equal}, warm_up=warm_up)   # irpo.tasks.math
+    pool().call("math_equal", pred, gold)
+
+Only those functions run in a worker: the pool starts each worker as ``python -m
+irpo.tasks.timeout '<spec>'``, the spec naming them by module and qualified name (so they
+must be module-level functions), and the worker imports exactly those and runs ``warm_up``
+once before it reports ready. Protocol: one JSON line per request ``{"f": name, "a": [args],
+"t": soft_limit}`` -> ``{"ok": result}`` | ``{"timeout": 1}`` | ``{"error": "..."}``.
 """
 
 from __future__ import annotations
@@ -37,12 +44,9 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
-ALLOWED = {
-    "math_equal": "irpo.tasks.math:answers_equal",
-    "selftest_hang": "irpo.tasks.timeout:hang",  # lets the tests exercise the kill path
-}
 SOFT_MARGIN_S = 0.15
 STARTUP_LIMIT_S = 60.0
 MEMORY_LIMIT_BYTES = 4 << 30
@@ -56,15 +60,33 @@ class CheckError(Exception):
     """The check raised inside the worker, or the worker died (treated as 'incorrect')."""
 
 
+def target(func: Callable) -> str:
+    """``module:qualname`` of a module-level function: how a worker finds it."""
+    name = f"{func.__module__}:{func.__qualname__}"
+    if "<" in name or func.__module__ == "__main__":
+        raise ValueError(f"a bounded check must be a module-level function of an importable "
+                         f"module; got {name}")
+    return name
+
+
+def resolve(name: str) -> Callable:
+    """The function a :func:`target` string names (imports its module)."""
+    module, qualname = name.split(":")
+    obj: Any = importlib.import_module(module)
+    for attr in qualname.split("."):
+        obj = getattr(obj, attr)
+    return obj
+
+
 class _Worker:
     """One worker process and its pipes."""
 
-    def __init__(self) -> None:
+    def __init__(self, spec: str) -> None:
         env = dict(os.environ)
         root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "irpo.tasks.timeout"],
+            [sys.executable, "-m", "irpo.tasks.timeout", spec],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
             env=env, start_new_session=True,  # a Ctrl-C for the parent is not the worker's
         )
@@ -114,10 +136,17 @@ class _Worker:
 
 
 class BoundedPool:
-    """Workers shared by all threads of a process; each call gets one worker to itself."""
+    """Workers shared by all threads of a process; each call gets one worker to itself.
 
-    def __init__(self, max_workers: int = 2, limit_s: float = 1.0):
+    ``functions``: name -> module-level function, what :meth:`call` may run by name;
+    ``warm_up``: a function each worker runs once at start-up (imports, caches), not timed.
+    """
+
+    def __init__(self, functions: dict[str, Callable], warm_up: Callable | None = None,
+                 max_workers: int = 2, limit_s: float = 1.0):
         self.max_workers, self.limit_s = max_workers, limit_s
+        self._spec = json.dumps({"functions": {k: target(f) for k, f in functions.items()},
+                                 "warm_up": target(warm_up) if warm_up else None})
         self._idle: queue.LifoQueue[_Worker] = queue.LifoQueue()
         self._lock = threading.Lock()
         self._count = 0
@@ -139,7 +168,7 @@ class BoundedPool:
         with self._lock:
             if self._count < self.max_workers:
                 self._count += 1
-                worker = _Worker()
+                worker = _Worker(self._spec)
                 self._all.append(worker)
                 return worker
         return self._idle.get()
@@ -148,7 +177,7 @@ class BoundedPool:
         worker.kill()
         with self._lock:
             self._all.remove(worker)
-            fresh = _Worker()  # starts importing now, so the next check finds it ready
+            fresh = _Worker(self._spec)  # starts importing now, so the next check finds it ready
             self._all.append(fresh)
         self._idle.put(fresh)
 
@@ -162,7 +191,7 @@ class BoundedPool:
                 self._idle.put(worker)
 
     def call(self, func: str, *args: Any) -> Any:
-        """Run ``ALLOWED[func](*args)`` in a worker within ``limit_s``; see the module doc."""
+        """Run ``functions[func](*args)`` in a worker within ``limit_s``; see the module doc."""
         worker = self._acquire()
         try:
             worker.wait_ready()
@@ -196,17 +225,20 @@ class BoundedPool:
             self._idle = queue.LifoQueue()
 
 
-_POOL: BoundedPool | None = None
-_POOL_LOCK = threading.Lock()
+def lazy_pool(functions: dict[str, Callable], warm_up: Callable | None = None) -> Callable[[], BoundedPool]:
+    """A function returning one process-wide pool for ``functions``, made on first use (so
+    importing a client starts no worker); workers: ``IRPO_CHECK_WORKERS``, default 2."""
+    made: list[BoundedPool] = []
+    lock = threading.Lock()
 
+    def get() -> BoundedPool:
+        with lock:
+            if not made:
+                workers = int(os.environ.get("IRPO_CHECK_WORKERS", "2"))
+                made.append(BoundedPool(functions, warm_up, max_workers=workers))
+            return made[0]
 
-def pool() -> BoundedPool:
-    """The process-wide pool (workers: ``IRPO_CHECK_WORKERS``, default 2)."""
-    global _POOL
-    with _POOL_LOCK:
-        if _POOL is None:
-            _POOL = BoundedPool(max_workers=int(os.environ.get("IRPO_CHECK_WORKERS", "2")))
-        return _POOL
+    return get
 
 
 # ------------------------------------------------------------------ worker side
@@ -221,7 +253,8 @@ def _on_alarm(signum: int, frame: Any) -> None:
 
 
 def hang(seconds: float) -> None:
-    """Sleep with SIGALRM blocked: stands in for C code that never returns to the interpreter."""
+    """Sleep with SIGALRM blocked: stands in for C code that never returns to the interpreter
+    (the tests' check for the kill path)."""
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM})
     try:
         time.sleep(seconds)
@@ -229,7 +262,7 @@ def hang(seconds: float) -> None:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGALRM})
 
 
-def _serve() -> None:
+def _serve(spec: dict) -> None:
     import resource
 
     try:
@@ -237,13 +270,9 @@ def _serve() -> None:
     except (ValueError, OSError):  # not permitted here: the parent's kill still bounds time
         pass
     signal.signal(signal.SIGALRM, _on_alarm)
-    funcs = {}
-    for name, target in ALLOWED.items():
-        module, attr = target.split(":")
-        funcs[name] = getattr(importlib.import_module(module), attr)
-    warm = getattr(importlib.import_module("irpo.tasks.math"), "warm_up", None)
-    if warm:
-        warm()
+    funcs = {name: resolve(path) for name, path in spec["functions"].items()}
+    if spec["warm_up"]:
+        resolve(spec["warm_up"])()
     out = sys.stdout.buffer
     out.write(b"ready\n")
     out.flush()
@@ -264,4 +293,4 @@ def _serve() -> None:
 
 
 if __name__ == "__main__":
-    _serve()
+    _serve(json.loads(sys.argv[1]))

@@ -1,4 +1,4 @@
-"""Training examples as token ids, and padded batches for the forward pass.
+"""Training examples as token ids, padded batches for the forward pass, and their log-probs.
 
 An example is a prompt and a chosen response, plus a rejected one for
 preference methods. Prompt and responses are tokenized separately and
@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from irpo.losses import sequence_logprobs
 from irpo.modeling import encode_prompt, encode_response
 
 IGNORE_INDEX = -100
@@ -81,3 +82,19 @@ def pair_batch(examples: list[TokenizedExample], pad_id: int) -> dict[str, torch
     if examples[0].rejected is not None:
         seqs += [(e.prompt, e.rejected) for e in examples]
     return collate(seqs, pad_id)
+
+
+def batch_logprobs(model, batch: dict[str, torch.Tensor], device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of response-token log-probs, response length) per row of ``batch`` (moved to ``device``)."""
+    if device is not None:
+        batch = {k: v.to(device) for k, v in batch.items()}
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    return sequence_logprobs(logits, batch["labels"])
+
+
+def two_rows_logprobs(model, examples: list[TokenizedExample], pad_id: int,
+                      device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``two_rows`` layout (irpo.training.logprobs): every sequence a padded row of one
+    :func:`pair_batch`; chosen rows, then rejected rows. Also where the shared-prefix layout
+    falls back to (irpo.training.shared_prefix), so both use this one computation."""
+    return batch_logprobs(model, pair_batch(examples, pad_id), device)

@@ -9,7 +9,7 @@ Three layouts of the same computation (:func:`examples_logprobs`): ``packed`` (t
 trainers' default: one row, no padding, each pair's prompt once; irpo.training.packing),
 ``shared_prefix`` (padded prompts once, then padded responses on their KV cache;
 irpo.training.shared_prefix) and ``two_rows`` (every sequence a padded row,
-irpo.training.data.pair_batch). They agree up to float rounding; the last two stay as the
+irpo.training.data.two_rows_logprobs). They agree up to float rounding; the last two stay as the
 references the tests and benchmarks compare the packed one with.
 """
 
@@ -18,20 +18,12 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
-from irpo.losses import sequence_logprobs
-from irpo.training.data import TokenizedExample, pair_batch
+from irpo.training.data import TokenizedExample, batch_logprobs, two_rows_logprobs
 from irpo.training.packing import packed_logprobs
 from irpo.training.shared_prefix import pair_logprobs
 
 LAYOUTS = ("packed", "shared_prefix", "two_rows")
-
-
-def batch_logprobs(model, batch: dict[str, torch.Tensor], device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sum of response-token log-probs, response length) per row of ``batch`` (moved to ``device``)."""
-    if device is not None:
-        batch = {k: v.to(device) for k, v in batch.items()}
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    return sequence_logprobs(logits, batch["labels"])
+__all__ = ["LAYOUTS", "batch_logprobs", "examples_logprobs", "reference_logprobs"]
 
 
 def examples_logprobs(model, examples: list[TokenizedExample], pad_id: int, device=None,
@@ -42,7 +34,7 @@ def examples_logprobs(model, examples: list[TokenizedExample], pad_id: int, devi
     if layout == "shared_prefix":
         return pair_logprobs(model, examples, pad_id, device)
     if layout == "two_rows":
-        return batch_logprobs(model, pair_batch(examples, pad_id), device)
+        return two_rows_logprobs(model, examples, pad_id, device)
     raise ValueError(f"layout={layout!r} is not one of {', '.join(LAYOUTS)}")
 
 

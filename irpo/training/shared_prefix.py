@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 
 from irpo.losses import sequence_logprobs
-from irpo.training.data import IGNORE_INDEX, TokenizedExample, pair_batch
+from irpo.training.data import IGNORE_INDEX, TokenizedExample, two_rows_logprobs
 
 
 def shared_prefix_batch(examples: list[TokenizedExample], pad_id: int) -> dict[str, torch.Tensor]:
@@ -61,7 +61,7 @@ def pair_logprobs(model, examples: list[TokenizedExample], pad_id: int,
     checkpointing turns the cache off) or the model returns none.
     """
     if examples[0].rejected is None or getattr(model, "is_gradient_checkpointing", False):
-        return _two_rows(model, examples, pad_id, device)
+        return two_rows_logprobs(model, examples, pad_id, device)
     batch = shared_prefix_batch(examples, pad_id)
     if device is not None:
         batch = {k: v.to(device) for k, v in batch.items()}
@@ -69,7 +69,7 @@ def pair_logprobs(model, examples: list[TokenizedExample], pad_id: int,
     prompt = model(input_ids=batch["prompt_ids"], attention_mask=batch["prompt_mask"], use_cache=True)
     cache = prompt.past_key_values
     if cache is None or not hasattr(cache, "batch_repeat_interleave"):
-        return _two_rows(model, examples, pad_id, device)
+        return two_rows_logprobs(model, examples, pad_id, device)
     rows = torch.arange(b, device=batch["prompt_lengths"].device)
     last = prompt.logits[rows, batch["prompt_lengths"] - 1]  # [B, V]: predicts response token 0
     cache.batch_repeat_interleave(2)  # prompt i's keys/values for rows 2i (chosen) and 2i+1
@@ -83,11 +83,3 @@ def pair_logprobs(model, examples: list[TokenizedExample], pad_id: int,
     logps, counts = sequence_logprobs(logits, batch["labels"])
     return torch.cat([logps[0::2], logps[1::2]]), torch.cat([counts[0::2], counts[1::2]])
 
-
-def _two_rows(model, examples, pad_id, device):
-    from irpo.training.logprobs import batch_logprobs
-
-    batch = pair_batch(examples, pad_id)
-    if device is not None:
-        batch = {k: v.to(device) for k, v in batch.items()}
-    return batch_logprobs(model, batch)

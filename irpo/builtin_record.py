@@ -1,0 +1,80 @@
+"""The built-in model's record and its reproducible-build switches, read by both sides.
+
+irpo.builtin_model (which decides whether M0 must be built, and checks a cached one) and
+irpo.builtin_build (the child process that builds it) share these: the record file
+``irpo_builtin.json`` beside the weights (build key, sha256 of the weight tensors, M0's
+accuracy), how it is read and checked, and the environment the build runs in (why those
+switches: irpo.builtin_build's module doc).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+RECORD = "irpo_builtin.json"
+# Read by oneMKL, ATen and oneDNN when they load, hence set for a child process.
+REPRODUCIBLE_ENV = {
+    "MKL_CBWR": "AVX2,STRICT",
+    "ATEN_CPU_CAPABILITY": "avx2",
+    "ONEDNN_MAX_CPU_ISA": "AVX2",
+    "MKL_DYNAMIC": "FALSE",  # the thread count does not change the bits, but keep it fixed
+}
+
+
+def weights_checksum(model_dir: str | Path) -> str:
+    """sha256 over every weight tensor (name, dtype, shape, bytes), in name order.
+
+    Over the tensors, not the file, so that the checksum names the model and not the
+    way a library version lays out the safetensors header.
+    """
+    import torch
+    from safetensors import safe_open
+
+    files = sorted(Path(model_dir).glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{model_dir}: no *.safetensors weights")
+    tensors = {}
+    for f in files:
+        with safe_open(str(f), framework="pt") as st:
+            for name in st.keys():
+                tensors[name] = st.get_tensor(name)
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].contiguous()
+        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        digest.update(t.view(-1).view(torch.uint8).numpy().tobytes())  # any dtype, bf16 too
+    return digest.hexdigest()
+
+
+def read_record(model_dir: str | Path) -> dict[str, Any] | None:
+    try:
+        return json.loads((Path(model_dir) / RECORD).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def verify(model_dir: str | Path) -> tuple[bool, str]:
+    """(whether the weights match the recorded checksum, a reason when they do not)."""
+    record = read_record(model_dir)
+    if record is None or "sha256" not in record:
+        return False, f"no readable {RECORD} with a sha256"
+    try:
+        actual = weights_checksum(model_dir)
+    except Exception as err:  # a truncated or garbled safetensors file
+        return False, f"weights unreadable ({type(err).__name__}: {err})"
+    if actual != record["sha256"]:
+        return False, f"weights sha256 {actual[:12]} != recorded {record['sha256'][:12]}"
+    return True, ""
+
+
+def describe(record: dict[str, Any] | None) -> str:
+    """One line for the log: the checksum and the recorded accuracy."""
+    if record is None or "sha256" not in record:
+        return f"no {RECORD} record"
+    acc, n = record.get("test_accuracy"), record.get("eval_size")
+    where = f"greedy test accuracy {acc:.1%} on the first {n} arith test problems" if acc is not None \
+        else "test accuracy not measured (model.pretrain_eval_size=0)"
+    return f"sha256 {record['sha256'][:16]}, {where}"
