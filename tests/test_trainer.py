@@ -22,6 +22,7 @@ from irpo.config import (
 from irpo.losses import LOSSES
 from irpo.modeling import load_model
 from irpo.tasks.arith import ArithTask
+from irpo.training.hooks import StageHooks
 from irpo.training.torch_trainer import (
     batch_order,
     checkpoint_steps,
@@ -152,3 +153,37 @@ def test_trainer_device_without_gpu_is_a_clear_error(tiny_ckpt, tmp_path):
         run_train(make_cfg(device="cuda"), path, pairs[:8], tmp_path)
     info, _ = run_train(make_cfg(device="cpu", max_steps=1), path, pairs[:8], tmp_path)
     assert info["steps"] == 1
+
+
+def test_hooks_see_the_reference_pass_and_every_step_without_changing_them(tiny_ckpt, tmp_path):
+    """on_reference brackets the reference pass, before step 1; on_step comes after every
+    step (log_every=2 logs only steps 2 and 3) with the metrics log_metrics gets; the run's
+    numbers are the same bits as without hooks. ``layout`` picks the micro-batch layout."""
+    path, pairs = tiny_ckpt
+    cfg = make_cfg(log_every=2)
+    _, plain = run_train(cfg, path, pairs, tmp_path / "plain")
+    events, logged = [], []
+    hooks = StageHooks(on_reference=events.append,
+                       on_step=lambda step, metrics: events.append((step, dict(metrics))))
+    train(cfg, path, pairs, tmp_path / "hooked", lambda m, s: logged.append((s, m)), 100, 0,
+          hooks=hooks)
+    assert logged == plain and [s for s, _ in logged] == [102, 103]
+    assert events[:2] == ["start", "end"] and [e[0] for e in events[2:]] == [1, 2, 3]
+    assert [(100 + s, m) for s, m in events[3:]] == logged
+    assert events[2][1]["train/dpo"] == pytest.approx(math.log(2), abs=1e-5)
+
+    events.clear()
+    sft_pairs = [{k: v for k, v in p.items() if k != "rejected"} for p in pairs[:8]]
+    train(make_cfg(method="sft", loss="none", nll_weight=1.0), path, sft_pairs, tmp_path / "sft",
+          lambda m, s: None, 0, 0, hooks=hooks)
+    assert [e[0] for e in events] == [1]  # no reference pass: no on_reference
+
+    padded = []
+    train(cfg, path, pairs, tmp_path / "padded", lambda m, s: padded.append((s, m)), 100, 0,
+          layout="two_rows")
+    for (_, a), (_, b) in zip(plain, padded):
+        assert a["train/loss"] == pytest.approx(b["train/loss"], rel=1e-4)
+    assert padded != plain  # the same sums in another order: not the same bits
+    with pytest.raises(ValueError, match="layout='rows' is not one of"):  # the steps use it too
+        train(make_cfg(method="sft", loss="none", nll_weight=1.0), path, sft_pairs,
+              tmp_path / "bad", lambda m, s: None, 0, 0, layout="rows")

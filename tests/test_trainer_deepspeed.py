@@ -20,6 +20,7 @@ import dataclasses
 import io
 import json
 import sqlite3
+import sys
 from pathlib import Path
 
 import pytest
@@ -146,6 +147,43 @@ def torch_run(tiny_ckpt, tmp_path_factory):  # noqa: F811
     path, pairs = tiny_ckpt
     out = tmp_path_factory.mktemp("torch")
     return (*run(torch_trainer.train, make_cfg(**TRAIN), path, pairs, out), out)
+
+
+HOOKED_WORKER = """
+import json, sys
+from pathlib import Path
+import torch.distributed as dist
+from irpo.training.deepspeed_trainer import worker
+from irpo.training.hooks import StageHooks
+
+def note(*event):
+    with open(Path(sys.argv[2]) / f"rank{dist.get_rank()}.jsonl", "a") as f:
+        f.write(json.dumps(event) + "\\n")
+
+worker(Path(sys.argv[1]), StageHooks(on_reference=note, on_step=lambda s, m: note(s, m["train/loss"])))
+"""
+
+
+@pytest.mark.slow
+def test_hooks_run_in_every_worker(tiny_ckpt, tmp_path, monkeypatch):  # noqa: F811
+    """A script of ours under torchrun calls worker() with hooks (what a benchmark of the
+    DeepSpeed trainer does): every rank sees the reference pass, then each step with the
+    loss the driver logs."""
+    path, pairs = tiny_ckpt
+    script, events = tmp_path / "hooked_worker.py", tmp_path / "events"
+    script.write_text(HOOKED_WORKER)
+    events.mkdir()
+    monkeypatch.setattr(deepspeed_trainer, "launch_command", lambda tcfg, work, alloc=None: [
+        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--standalone",
+        str(script), str(work), str(events)])
+    tcfg = ds_trainer(zero_stage=2, num_processes=2, **{**TRAIN, "epochs": 1.0})
+    cfg = dataclasses.replace(make_cfg(), trainer=tcfg, cache_dir=str(TEST_CACHE))
+    _, logged = run(deepspeed_trainer.train, cfg, path, pairs, tmp_path / "out")
+    assert [s for s, _ in logged] == [101, 102, 103]
+    for rank in (0, 1):
+        seen = [json.loads(line) for line in (events / f"rank{rank}.jsonl").read_text().splitlines()]
+        assert seen[:2] == [["start"], ["end"]]
+        assert seen[2:] == [[s - 100, m["train/loss"]] for s, m in logged], rank
 
 
 @pytest.mark.slow

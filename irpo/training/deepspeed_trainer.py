@@ -60,6 +60,7 @@ import torch
 from irpo.launch import Allocation, stage_command
 from irpo.method import needs_reference
 from irpo.rundir import KILL_AT_STEP_ENV
+from irpo.training.hooks import NO_HOOKS, StageHooks
 from irpo.training.reference import stage_reference
 from irpo.training.resume import (
     STOPPED_EXIT,
@@ -282,8 +283,12 @@ def _load_engine(cfg, init_path: str, ds_config: dict, device, steps: int):
     return engine, scheduler, tokenizer
 
 
-def worker(work: Path) -> None:
-    """One rank of the stage: train, write metrics.jsonl and summary.json (rank 0), checkpoints."""
+def worker(work: Path, hooks: StageHooks = NO_HOOKS) -> None:
+    """One rank of the stage: train, write metrics.jsonl and summary.json (rank 0), checkpoints.
+
+    ``hooks`` (irpo.training.hooks) are called in every rank: a benchmark that starts the
+    ranks itself (torchrun of its own script calling this) watches the real steps.
+    """
     import torch.distributed as dist
 
     req = pickle.loads((work / "request.pkl").read_bytes())
@@ -302,15 +307,17 @@ def worker(work: Path) -> None:
     resumed = ds_load_state(engine, Path(req["out_dir"]))  # irpo.training.resume
     refs_all, ref_info = (resumed["refs"], resumed["ref_info"]) if resumed else (None, {})
     if needs_reference(cfg) and resumed is None:  # in batches of that share (torch: of a step's batch)
+        hooks.reference("start")
         refs_all, ref_info = stage_reference(
             toks, lambda part: sharded_reference_logprobs(engine.module, part, tokenizer.pad_token_id,
                                                           share, device),
             tcfg, example_ids(req["examples"]), req["seed"])
+        hooks.reference("end")
     refs_all = tuple(r.to(device) for r in refs_all) if refs_all is not None else None
     engine.train()
     with StopOnSignal() as signalled:  # SIGTERM (torchrun passes its own on), SIGUSR2, SIGINT
         history, checkpoints = _train_steps(engine, scheduler, tokenizer, toks, (refs_all, ref_info),
-                                            req, steps, ds_config, work, resumed, signalled)
+                                            req, steps, ds_config, work, resumed, signalled, hooks)
     if history is None:  # stopped by a signal after saving a step checkpoint
         dist.destroy_process_group()
         sys.exit(STOPPED_EXIT)
@@ -323,7 +330,7 @@ def worker(work: Path) -> None:
 
 
 def _train_steps(engine, scheduler, tokenizer, toks, refs, req, steps: int, ds_config: dict,
-                 work: Path, resumed: dict | None, signalled: StopOnSignal):
+                 work: Path, resumed: dict | None, signalled: StopOnSignal, hooks: StageHooks):
     """The torch trainer's steps, each rank on its share of every batch; (metrics, checkpoints).
 
     ``refs``: (reference log-probs, their summary); ``resumed``: the client state of the
@@ -363,6 +370,7 @@ def _train_steps(engine, scheduler, tokenizer, toks, refs, req, steps: int, ds_c
         if rank == 0 and should_log(step, steps, tcfg):
             with open(work / "metrics.jsonl", "a") as f:  # the driver logs it from there
                 f.write(json.dumps({"step": step, "metrics": metrics}) + "\n")
+        hooks.step(step, metrics)
         if rank == 0 and kill_at and kill_at.split(":")[0] == str(req["step_offset"] + step):
             # "<step>" kills rank 0; "<step>:TERM" signals it (as torchrun passes SIGTERM on)
             sig = kill_at.partition(":")[2] or "KILL"

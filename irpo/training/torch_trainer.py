@@ -27,6 +27,7 @@ from irpo.losses import preference_loss
 from irpo.method import needs_reference, nll_weight
 from irpo.modeling import context_length, load_model, resolve_device
 from irpo.training.data import tokenize_examples
+from irpo.training.hooks import NO_HOOKS, StageHooks
 from irpo.training.logprobs import examples_logprobs, reference_logprobs
 from irpo.training.reference import stage_reference
 from irpo.training.resume import StepSaver, StopOnSignal, discard, load_state, restore, save_state
@@ -108,11 +109,16 @@ def make_optimizer(model, tcfg) -> torch.optim.AdamW:
     return torch.optim.AdamW(params, lr=tcfg.lr, weight_decay=tcfg.weight_decay, fused=fused)
 
 
+def warmup_steps(tcfg, steps: int) -> int:
+    """Optimiser steps of warm-up in a stage of ``steps``: ``trainer.warmup_ratio`` of them."""
+    return int(tcfg.warmup_ratio * steps)
+
+
 def make_scheduler(optimizer, tcfg, steps: int):
     """Warm-up then ``tcfg.schedule`` decay over ``steps`` optimiser steps."""
     return get_scheduler(
         "constant_with_warmup" if tcfg.schedule == "constant" else tcfg.schedule, optimizer,
-        num_warmup_steps=int(tcfg.warmup_ratio * steps), num_training_steps=steps,
+        num_warmup_steps=warmup_steps(tcfg, steps), num_training_steps=steps,
     )
 
 
@@ -127,12 +133,15 @@ def save_checkpoint(model, tokenizer, path: Path, state_dict=None) -> None:
 
 
 def train(cfg, init_path: Path, examples: list[dict], out_dir: Path,
-          log_metrics: MetricsFn, step_offset: int, seed: int) -> dict:
+          log_metrics: MetricsFn, step_offset: int, seed: int,
+          hooks: StageHooks = NO_HOOKS, layout: str = LAYOUT) -> dict:
     """Train on ``examples``; save checkpoints under ``out_dir/ckpt-<step>``.
 
     Resumes after the last step checkpoint a killed attempt left in ``out_dir``
     (irpo.training.resume). Returns the stage summary: steps, checkpoint paths, and
     end-of-training log-prob changes of chosen and rejected responses against the reference.
+    ``hooks``: callbacks for code that watches the stage (irpo.training.hooks); ``layout``:
+    how micro-batches are laid out (irpo.training.logprobs.LAYOUTS; benchmarks compare them).
     """
     tcfg = cfg.trainer
     torch.manual_seed(seed)
@@ -146,10 +155,12 @@ def train(cfg, init_path: Path, examples: list[dict], out_dir: Path,
     if needs_reference(cfg) and state is not None:  # M(t-1)'s log-probs, saved with the state
         refs_all, ref_info = state["refs"], state["ref_info"]
     elif needs_reference(cfg):
+        hooks.reference("start")
         refs_all, ref_info = stage_reference(
             toks, lambda part: reference_logprobs(model, part, pad_id, tcfg.batch_size,
-                                                  device=device, layout=LAYOUT),
+                                                  device=device, layout=layout),
             tcfg, example_ids(examples), seed)
+        hooks.reference("end")
     refs_all = tuple(r.to(device) for r in refs_all) if refs_all is not None else None
     model.train()
     steps = plan_steps(len(toks), tcfg)
@@ -169,9 +180,10 @@ def train(cfg, init_path: Path, examples: list[dict], out_dir: Path,
     with StopOnSignal() as stop:
         for step, idx in enumerate(bar, done + 1):
             _step(model, optimizer, scheduler, toks, refs_all, idx, cfg, pad_id, device,
-                  history, bar)
+                  history, bar, layout)
             if should_log(step, steps, tcfg):
                 log_metrics(history[-1], step_offset + step)
+            hooks.step(step, history[-1])
             if step in save_at:
                 checkpoints.append(out_dir / f"ckpt-{step}")
                 save_checkpoint(model, tokenizer, checkpoints[-1])
@@ -186,7 +198,7 @@ def train(cfg, init_path: Path, examples: list[dict], out_dir: Path,
 
 
 def _step(model, optimizer, scheduler, toks, refs_all, idx, cfg, pad_id, device,
-          history: list[dict], bar) -> None:
+          history: list[dict], bar, layout: str) -> None:
     """One optimiser step on the batch ``idx``; its metrics are appended to ``history``."""
     tcfg = cfg.trainer
     micro_size = tcfg.batch_size // tcfg.grad_accum
@@ -194,7 +206,8 @@ def _step(model, optimizer, scheduler, toks, refs_all, idx, cfg, pad_id, device,
     sums: dict[str, float] = {}
     for part in parts:
         refs = (refs_all[0][part], refs_all[1][part]) if refs_all else None
-        out, logps, b = micro_loss(model, [toks[i] for i in part], refs, cfg, pad_id, device=device)
+        out, logps, b = micro_loss(model, [toks[i] for i in part], refs, cfg, pad_id, device=device,
+                                   layout=layout)
         (out.loss * (len(part) / len(idx))).backward()
         accumulate_metrics(sums, out, logps, b, refs, len(part) / len(idx))
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.max_grad_norm)
