@@ -19,7 +19,8 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from irpo.config import ConfigError, register_configs, to_config, validate
+from irpo.config import ConfigError, register_configs, to_config
+from irpo.config_rules import validate
 
 log = logging.getLogger("irpo")
 register_configs()

@@ -32,6 +32,9 @@ log = logging.getLogger(__name__)
 NON_SEMANTIC_KEYS = ("hydra", "tracking", "output_root", "cache_dir", "run_name")
 NON_SEMANTIC_FIELDS = (("trainer", "save_every_steps"), ("trainer", "save_every_min"),
                        ("sampler", "shard_dir"))
+# Fields removed from the schemas that never changed what a run computes, hashed at the value
+# every run had, so run directories made before their removal are found again (and resume).
+RETIRED_FIELDS = {("eval", "batch_size"): 128}  # read by nothing (removed with issue 14)
 
 # Debugging hooks used by the fault tests: kill this process with SIGKILL right
 # after the named stage (for example "iter1/sample") is marked done, or right after
@@ -51,6 +54,9 @@ def config_hash(raw: DictConfig) -> str:
     for group, key in NON_SEMANTIC_FIELDS:
         if isinstance(resolved.get(group), dict):
             resolved[group].pop(key, None)
+    for (group, key), value in RETIRED_FIELDS.items():
+        if isinstance(resolved.get(group), dict):
+            resolved[group].setdefault(key, value)
     blob = json.dumps(resolved, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:10]
 

@@ -24,7 +24,8 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException, MissingConfigException
 from omegaconf.errors import ConfigKeyError, ValidationError
 
-from irpo.config import ConfigError, register_configs, to_config, validate
+from irpo.config import ConfigError, register_configs, to_config
+from irpo.config_rules import validate
 from irpo.tasks import build_task
 from irpo.tasks.__main__ import dataset_config
 from irpo.tasks.common import DataError, DataNotFoundError, Record

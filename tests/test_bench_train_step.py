@@ -22,7 +22,8 @@ from irpo.tasks.arith import is_correct
 from irpo.training.data import tokenize_examples
 
 SMALL = ModelConfig(name="t", builtin="tiny", hidden_size=64, num_layers=2, num_heads=2,
-                    intermediate_size=128, vocab_size=512, max_position_embeddings=256)
+                    intermediate_size=128, vocab_size=512, max_position_embeddings=256,
+                    pretrain_seed=0)
 
 
 @pytest.fixture(scope="module")

@@ -25,7 +25,7 @@ from irpo.config import ArithConfig, ModelConfig
 SMALL = ModelConfig(
     name="tiny", builtin="tiny", hidden_size=128, num_heads=4, num_layers=2, intermediate_size=512,
     vocab_size=320, max_position_embeddings=512, pretrain_steps=12, pretrain_batch_size=32,
-    pretrain_eval_size=8,
+    pretrain_eval_size=8, pretrain_lr=3e-3, pretrain_seed=0,
 )
 DATA = ArithConfig(pretrain_size=400, train_size=8, valid_size=8, test_size=8)
 
@@ -119,13 +119,12 @@ def test_eval_size_must_not_be_negative(tmp_path):
 def test_recorded_accuracy_is_the_greedy_accuracy(tmp_path):
     """The default M0 (cached for the end-to-end tests): its accuracy measured as the run
     measures it agrees with greedy decoding written here, one prompt at a time."""
-    from omegaconf import OmegaConf
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from irpo.config import compose, to_config
     from irpo.tasks.arith import ArithTask
 
-    yaml = OmegaConf.load(Path(__file__).resolve().parents[1] / "conf" / "model" / "tiny.yaml")
-    model_cfg = ModelConfig(**{k: v for k, v in OmegaConf.to_container(yaml).items() if k != "defaults"})
+    model_cfg = to_config(compose(["model=tiny"])).model  # as a run with model=tiny composes it
     path = ensure_builtin_model(model_cfg, ArithConfig(), os.environ["IRPO_CACHE_DIR"])
     n, data = 40, pretrain_data_config(None)  # the default arithmetic task, other splits empty
     task = ArithTask(dataclasses.replace(data, test_size=n))

@@ -19,7 +19,8 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from irpo import memory
-from irpo.config import register_configs, temperature_at, to_config, validate
+from irpo.config import register_configs, temperature_at, to_config
+from irpo.config_rules import validate
 from irpo.training.deepspeed_trainer import deepspeed_config
 
 REPO = Path(__file__).resolve().parents[1]

@@ -17,8 +17,8 @@ from irpo.config import (
     register_configs,
     temperature_at,
     to_config,
-    validate,
 )
+from irpo.config_rules import validate
 from irpo.method import needs_reference, nll_weight
 
 CONF = Path(__file__).resolve().parents[1] / "conf"

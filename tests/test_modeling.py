@@ -34,7 +34,7 @@ from irpo.modeling import (
 TINY = ModelConfig(
     name="tiny", builtin="tiny", hidden_size=64, num_heads=2, num_layers=2, intermediate_size=128,
     vocab_size=320, max_position_embeddings=512, pretrain_steps=20, pretrain_batch_size=8,
-    pretrain_eval_size=16,
+    pretrain_eval_size=16, pretrain_lr=3e-3, pretrain_seed=0,
 )
 DATA = ArithConfig(pretrain_size=200, train_size=8, valid_size=8, test_size=8)
 GSM8K = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "gsm8k" / "test.jsonl"

@@ -16,7 +16,7 @@ from irpo.tasks.arith import build_arith
 
 TINY = ModelConfig(
     name="tiny", builtin="tiny", hidden_size=64, num_heads=2, num_layers=2, intermediate_size=128,
-    vocab_size=320, max_position_embeddings=512,
+    vocab_size=320, max_position_embeddings=512, pretrain_seed=0,
 )
 DATA = ArithConfig(pretrain_size=200, train_size=8, valid_size=8, test_size=8)
 CFG = SamplerConfig(name="hf", batch_size=8)

@@ -20,7 +20,7 @@ def model_and_pairs():
                                      test_size=2)).load_split("pretrain")
     tok = build_tokenizer([e.prompt + e.gold_cot for e in examples], 300)
     mcfg = ModelConfig(name="t", builtin="tiny", hidden_size=64, num_heads=2, num_layers=2,
-                       intermediate_size=128, max_position_embeddings=256)
+                       intermediate_size=128, max_position_embeddings=256, pretrain_seed=0)
     model = build_model(mcfg, tok)
     # Rejected responses shorter and longer than the chosen ones, prompts of several lengths.
     pairs = [{"prompt": e.prompt, "chosen": e.gold_cot,

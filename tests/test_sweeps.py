@@ -25,7 +25,8 @@ from hydra import compose, initialize_config_dir
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.override_parser.overrides_parser import OverridesParser
 
-from irpo.config import Config, register_configs, to_config, validate
+from irpo.config import Config, register_configs, to_config
+from irpo.config_rules import validate
 
 REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "conf"

@@ -2,8 +2,8 @@
 
     python -m irpo.tasks gsm8k [--data-dir DIR] [--n N] [--split test]
 
-The dataset settings come from ``conf/dataset/<name>.yaml`` (``math500`` uses ``math.yaml``), so
-what is shown is what a run with ``dataset=<name>`` sees. The self-check feeds each record's gold
+The dataset settings are ``dataset=<name>`` composed by Hydra (``math500`` is ``dataset=math`` with
+``dataset.name=math500``), so what is shown is what a run with ``dataset=<name>`` sees. The self-check feeds each record's gold
 CoT (or, for ARC, "Final answer: (X)") to ``is_correct`` against its own gold answer; anything
 below 100% is a checker or data problem worth reading, and the failures are printed.
 """
@@ -11,30 +11,22 @@ below 100% is a checker or data problem worth reading, and the failures are prin
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
-from pathlib import Path
 
-from omegaconf import OmegaConf
-
-from irpo.config import HubTaskConfig
+from irpo.config import DatasetConfig, compose, to_config
 from irpo.tasks import build_task
 
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf" / "dataset"
+# Task names served by another option's file: name -> option.
+ALIASES = {"math500": "math"}
 
 
-def dataset_config(name: str, data_dir: str | None) -> HubTaskConfig:
-    """The task's YAML values on the typed schema, as Hydra would compose them."""
-    path = CONF_DIR / f"{'math' if name == 'math500' else name}.yaml"
-    cfg = OmegaConf.structured(HubTaskConfig)
-    if path.is_file():
-        values = OmegaConf.load(path)
-        values.pop("defaults", None)
-        cfg = OmegaConf.merge(cfg, values)
-    cfg.name = name
-    if data_dir:
-        cfg.data_dir = data_dir
-    return OmegaConf.to_object(cfg)
+def dataset_config(name: str, data_dir: str | None = None) -> DatasetConfig:
+    """``dataset=<name>`` as Hydra composes it for a run; ``data_dir`` replaces the option's.
+    (Set after composing, not as an override: a path needs no quoting then.)"""
+    cfg = to_config(compose([f"dataset={ALIASES.get(name, name)}", f"dataset.name={name}"])).dataset
+    return dataclasses.replace(cfg, data_dir=data_dir) if data_dir else cfg
 
 
 def gold_response(ex) -> str:
