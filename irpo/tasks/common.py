@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from irpo.config import ConfigError
+from irpo.config import ConfigError, DatasetConfig
 from irpo.tasks.base import Example
 
 DATA_ENV = "IRPO_DATA_DIR"
@@ -190,7 +190,7 @@ def _from_hub(source: Source, split: str, hub_name: str, configs: Iterable[str |
     return rows
 
 
-def load_records(cfg: Any, source: Source, split: str, *, hub_name: str | None = None,
+def load_records(cfg: DatasetConfig, source: Source, split: str, *, hub_name: str | None = None,
                  hub_configs: Iterable[str | None] | None = None) -> list[Record]:
     """Raw records of ``split`` ("train"/"test") of ``source``, resolved as the module says.
 
@@ -198,7 +198,7 @@ def load_records(cfg: Any, source: Source, split: str, *, hub_name: str | None =
     the file and line (or hub row) and the field.
     """
     tried: list[str] = []
-    data_dir = getattr(cfg, "data_dir", None)
+    data_dir = cfg.data_dir
     if data_dir:
         root = Path(data_dir).expanduser()
         records = _from_directory(root, source, split, tried) if root.is_dir() else None
@@ -280,18 +280,18 @@ class HubTask:
     max_shots = 0
     stop_sequences: tuple[str, ...] = ()  # for samplers: text that ends a response
 
-    def __init__(self, cfg: Any):
+    def __init__(self, cfg: DatasetConfig):
         self.cfg = cfg
         for key in ("train_size", "valid_size", "test_size"):
-            value = getattr(cfg, key, None)
+            value = getattr(cfg, key)  # a field of every DatasetConfig
             if value is not None and value < 0:
                 raise ConfigError(f"dataset.{key}={value} must be >= 0 or null")
-        shots = getattr(cfg, "num_shots", 0) or 0
+        shots = getattr(cfg, "num_shots", 0) or 0  # HubTaskConfig only
         if not 0 <= shots <= self.max_shots:
             raise ConfigError(
                 f"dataset.num_shots={shots}: task {self.name} supports 0..{self.max_shots} shots"
             )
-        self.template = getattr(cfg, "prompt_template", None) or self.default_template
+        self.template = cfg.prompt_template or self.default_template
         if not any("{" + f + "}" in self.template for f in self.question_fields):
             raise ConfigError(  # at build time, not after hours of queueing
                 "dataset.prompt_template must contain the "
