@@ -39,7 +39,7 @@ def tiny_ckpt(tmp_path_factory):
                                      test_size=5)).load_split("pretrain")
     tok = build_tokenizer([e.prompt + e.gold_cot for e in examples], 300)
     mcfg = ModelConfig(name="t", builtin="tiny", hidden_size=64, num_heads=2, num_layers=2,
-                       intermediate_size=128, max_position_embeddings=256)
+                       intermediate_size=128, max_position_embeddings=256, pretrain_seed=0)
     model = build_model(mcfg, tok)
     path = tmp_path_factory.mktemp("ckpt")
     model.save_pretrained(path)
