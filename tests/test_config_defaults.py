@@ -164,3 +164,38 @@ def test_arith_defaults_are_the_arith_option(option):
     # The built-in model's cache key, pinned: the M0 every test and run builds.
     assert pretrain_data_config(cfg.dataset) == pretrain_data_config(None)
     assert builtin_model_dir(cfg.model, cfg.dataset, "c").name == "tiny-0e66824f36c5"
+
+
+def leaves(node: object, prefix: str = "") -> dict[str, object]:
+    if not isinstance(node, dict):
+        return {prefix: node}
+    out = {}
+    for key, value in node.items():
+        out.update(leaves(value, f"{prefix}.{key}" if prefix else key))
+    return out
+
+
+def test_no_experiment_restates_what_it_composes_to_without_it():
+    """An experiment (``@package _global_``) is a bundle of overrides: a value equal to what
+    its own group choices compose to without it (``trainer.zero_stage: 3`` over
+    trainer=deepspeed) restates the schema or an option. Compared raw, for every method a
+    sweep of it runs (``sweep_iterative_dpo`` sets iterations back to the dataset's for dpo)."""
+    from irpo.config import compose
+
+    problems = []
+    for path in sorted((CONF_DIR / "experiment").glob("*.yaml")):
+        raw = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+        overrides = [f"{key.removeprefix('override /')}={value}"  # its own group choices
+                     for item in raw.get("defaults", []) if isinstance(item, dict)
+                     for key, value in item.items()]
+        sweep = raw.get("hydra", {}).get("sweeper", {}).get("params", {})
+        methods = str(sweep["method"]).split(",") if "method" in sweep else [None]
+        body = leaves({k: v for k, v in raw.items() if k not in ("defaults", "hydra")})
+        same = set(body)
+        for method in methods:
+            base = leaves(OmegaConf.to_container(
+                compose([*overrides, *([f"method={method}"] if method else [])]), resolve=False))
+            same &= {k for k, v in body.items() if k in base and base[k] == v}
+        problems += [f"experiment/{path.name}: {k}: {body[k]!r}" for k in sorted(same)]
+    assert not problems, ("experiment values that change nothing (drop them):\n"
+                          + "\n".join(problems))
