@@ -33,6 +33,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+from measure import load
 
 from irpo.tasks import build_task
 from irpo.tasks import math as math_task
@@ -157,7 +159,7 @@ def arc_response(ex, rng) -> str:
 def run(data_dir: str, pairs: int, seed: int) -> dict:
     os.environ["IRPO_DATA_DIR"] = data_dir
     out: dict = {"data_dir": data_dir, "pairs": pairs, "seed": seed, "cpus": os.cpu_count(),
-                 "loadavg_start": os.getloadavg()}  # other jobs on the machine slow the checks
+                 "loadavg_start": load()}  # other jobs on the machine slow the checks
     timers = {name: Timer() for name in ("gsm8k", "math", "arc_challenge")}
 
     def build(name, **over):
@@ -224,7 +226,7 @@ def run(data_dir: str, pairs: int, seed: int) -> dict:
         out[name]["slowest_check"] = timers[name].slowest
         out[name]["adversarial_max_check_s"] = adv.max_s
     out["pwned_marker_created"] = Path("/tmp/pwned").exists()
-    out["loadavg_end"] = os.getloadavg()
+    out["loadavg_end"] = load()
     return out
 
 

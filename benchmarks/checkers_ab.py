@@ -25,6 +25,8 @@ import tempfile
 from io import BytesIO
 from pathlib import Path
 
+from measure import load  # benchmarks/: this script's folder
+
 REPO = Path(__file__).resolve().parents[1]
 
 MEASURE = r"""
@@ -85,13 +87,13 @@ def main() -> None:
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "checkers_ab.json"))
     args = p.parse_args()
     runs: dict = {"old": [], "new": []}
-    loads = [os.getloadavg()]
+    loads = [load()]
     with tempfile.TemporaryDirectory() as tmp:
         trees = {"old": export(args.old, Path(tmp)), "new": Path(args.new)}
         for r in range(args.rounds):
             for name in (("old", "new") if r % 2 == 0 else ("new", "old")):  # ABBA: drift cancels
                 runs[name].append(measure(trees[name], args.data_dir, args.pairs, args.math_pairs))
-                loads.append(os.getloadavg())
+                loads.append(load())
     keys = list(runs["old"][0])
     median = {n: {k: statistics.median(r[k] for r in runs[n]) for k in keys} for n in runs}
     best = {n: {k: max(r[k] for r in runs[n]) for k in keys} for n in runs}  # least disturbed

@@ -21,6 +21,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from measure import load
+
 REPO = Path(__file__).resolve().parents[1]
 STAGES = ("sample", "label", "data", "train", "eval")
 
@@ -51,7 +53,7 @@ def run_seed(seed: int, root: Path, extra: list[str]) -> dict:
     peak = float(summary.split("peak RSS: ")[1].split()[0])
     return {"seed": seed, "wall_s": round(wall, 1), "peak_rss_mib": peak, "rows": rows,
             "m0_build_s": _m0_seconds(proc.stdout + proc.stderr),
-            "load_avg_end": os.getloadavg()[0]}
+            "load_avg_end": load()[0]}
 
 
 def _m0_seconds(log: str) -> float | None:
@@ -104,7 +106,7 @@ def main() -> None:
     machine = {"python": platform.python_version(), "machine": platform.machine(),
                "cpus": os.cpu_count(), "processor": platform.processor(),
                "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "jobs": args.jobs,
-               "load_avg_start": os.getloadavg()[0]}
+               "load_avg_start": load()[0]}
     # One output root per seed: each run directory is then the newest of its own root.
     roots = [Path(tempfile.mkdtemp(prefix=f"irpo-default-s{s}-")) for s in args.seeds]
     with ThreadPoolExecutor(args.jobs) as pool:

@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import shutil
 import statistics
@@ -51,6 +50,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "benchmarks")]
 
 from default_run import run_seed  # the same subprocess runner and DONE reader)
+from measure import gpu_name, load
+from measure import machine as machine_facts
 
 BASE = "1x"
 STAGES = ("sample", "label", "data", "train", "eval")
@@ -113,7 +114,7 @@ def m0_dir(cfg: dict) -> Path | None:
 def run_one(item: dict, conf: dict, extra: list[str], seed: int, work: Path) -> dict:
     root = Path(tempfile.mkdtemp(prefix=f"{item['config']}-r{item['repeat']}-", dir=work))
     cpu0 = resource.getrusage(resource.RUSAGE_CHILDREN)
-    load0 = os.getloadavg()[0]
+    load0 = load()[0]
     res = run_seed(seed, root, [*item["overrides"], *merge_overrides(extra, conf["overrides"])])
     cpu1 = resource.getrusage(resource.RUSAGE_CHILDREN)
     shutil.rmtree(root, ignore_errors=True)
@@ -188,17 +189,11 @@ def summarize(runs: list[dict], configs: dict[str, dict]) -> dict:
 def machine(cfg: dict) -> dict:
     import torch
 
-    cpu = "unknown"
-    with open("/proc/cpuinfo") as f:
-        cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
-    return {"cpu": cpu, "logical_cpus": os.cpu_count(), "usable_cpus": len(os.sched_getaffinity(0)),
-            "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
-            "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-            "python": platform.python_version(), "load_avg_start": os.getloadavg(),
-            "git_commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], check=False,
-                                         cwd=REPO, capture_output=True, text=True).stdout.strip(),
-            "started_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())}
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], check=False, cwd=REPO,
+                            capture_output=True, text=True).stdout.strip()
+    return machine_facts(omp_num_threads=os.environ.get("OMP_NUM_THREADS"),
+                         torch_threads=torch.get_num_threads(), cuda=gpu_name(), load_avg_start=load(),
+                         git_commit=commit, started_utc=time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()))
 
 
 def _f(v, spec: str = ".1f") -> str:
@@ -332,7 +327,7 @@ def main() -> None:
             result["repeats"] = done
             break
         print(f"[{i + 1}] {item['config']} repeat {item['repeat']} "
-              f"(load {os.getloadavg()[0]:.2f})", flush=True)
+              f"(load {load()[0]:.2f})", flush=True)
         r = run_one(item, configs[item["config"]], args.overrides, cfg["seed"], work)
         result["runs"].append(r)
         print(f"    wall {r['wall_s']:.0f} s, stages " + ", ".join(
@@ -341,7 +336,7 @@ def main() -> None:
     shutil.rmtree(work, ignore_errors=True)
     if any(r["m0_build_s"] for r in result["runs"]):
         print("note: a run built M0; its wall time includes the build", flush=True)
-    result["machine"]["load_avg_end"] = os.getloadavg()
+    result["machine"]["load_avg_end"] = load()
     result["summary"] = summarize(result["runs"], configs)
     Path(args.out + ".json").write_text(json.dumps(result, indent=2))
     Path(args.out + ".md").write_text(markdown(result))

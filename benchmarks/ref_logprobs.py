@@ -19,32 +19,33 @@ checkpoint), timed whole, with its reference part timed inside, on the same pair
 * ``trainer_recompute``: none (any other sampler, or trainer.sampler_ref_logprobs=false):
   one reference pass over every pair.
 
-And a bare training loop (the trainer's forward, loss, clipping and AdamW, without its
-bookkeeping), with the reference log-probs taken
+And the training part of the same stage alone (from the start of the reference part to the
+end of the last step: no model load, tokenisation or checkpoint), with the reference log-probs
 
 * ``sampler``: from the sampler that generated the pairs (M(t-1) is both sampler and
-  reference; sampler=vllm can return them): no extra forward in training;
+  reference; sampler=vllm can return them), no check: no extra forward in training;
 * ``precompute``: one no-grad pass over all pairs before the first step (what
-  irpo.training.torch_trainer does, and TRL's ``precompute_ref_log_probs``);
-* ``per_step``: a second, frozen copy of the model run forward inside every step (TRL's
-  default).
+  irpo.training.torch_trainer does without sampler values, and TRL's
+  ``precompute_ref_log_probs``);
+* ``per_step``: a second, frozen copy of the model run forward on every step's batch (TRL's
+  default), by the trainer's ``on_step`` hook; the loss uses the sampler's values, which are
+  the same numbers (the reference is the starting model), so only the cost is added.
 
-The loop variants use the trainer's forward (chosen and rejected of a pair with the prompt
-run once, irpo.training.shared_prefix) and the same loss, clipping and AdamW. All variants
-alternate over repeats (order rotated). Writes benchmarks/results/ref_logprobs.{json,md}.
+Every variant is the real trainer (``train``), timed through its hooks (irpo.training.hooks:
+``on_reference`` brackets the reference part, ``on_step`` marks each step), with its forward
+(the packed layout), loss, clipping and AdamW, a constant learning rate without warm-up. All
+variants alternate over repeats (order rotated). Writes benchmarks/results/ref_logprobs.{json,md}.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import shutil
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -55,6 +56,11 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 GROUPS = {"trainer": ("trainer_sampler", "trainer_gold", "trainer_recompute"),
           "loop": ("sampler", "precompute", "per_step")}
 VARIANTS = GROUPS["trainer"] + GROUPS["loop"]
+# The loop group times the training part only; its variants run no agreement check.
+CHECK_PAIRS = {"trainer_sampler": 8, "trainer_gold": 8, "trainer_recompute": 8,
+               "sampler": 0, "precompute": 0, "per_step": 0}
+
+from measure import clocks, load, since  # benchmarks/ is on the path now
 
 
 def device():
@@ -64,128 +70,87 @@ def device():
     return resolve_device("auto")
 
 
-def now() -> tuple[float, float]:
-    import torch
-
-    if torch.cuda.is_available():  # the queued kernels belong to the interval being timed
-        torch.cuda.synchronize()
-    return time.perf_counter(), time.process_time()
-
-
-def since(t: tuple[float, float]) -> tuple[float, float]:
-    n = now()
-    return n[0] - t[0], n[1] - t[1]
-
-
-def ref_pass(model, toks, pad_id: int, batch_size: int):
-    """The precompute pass: the reference log-probs of every pair, in order."""
-    import torch
-
-    from irpo.training.shared_prefix import pair_logprobs
-
-    model.eval()
-    chosen, rejected, dev = [], [], device()
-    with torch.no_grad():
-        for start in range(0, len(toks), batch_size):
-            part = toks[start : start + batch_size]
-            logps, _ = pair_logprobs(model, part, pad_id, dev)
-            chosen.append(logps[: len(part)])
-            rejected.append(logps[len(part) :])
-    model.train()
-    return torch.cat(chosen), torch.cat(rejected)
-
-
-def iteration(variant: str, model_dir: Path, toks, pad_id: int, sampler_refs, args) -> dict:
-    """One epoch of training with the reference log-probs from ``variant``; times in (wall, CPU)."""
-    import torch
-
-    from irpo.losses import preference_loss
+def sampler_values(model_dir: Path, toks, pad_id: int, batch_size: int):
+    """What the sampler would give: the trainer's own reference pass over every pair, in order."""
     from irpo.modeling import load_model
-    from irpo.training.shared_prefix import pair_logprobs
+    from irpo.training.logprobs import reference_logprobs
+    from irpo.training.torch_trainer import LAYOUT
 
-    torch.manual_seed(0)
-    dev = device()
-    model, _ = load_model(model_dir, device=dev)
-    ref_model = None
-    ref_time = [0.0, 0.0]
-    t0 = now()
-    if variant == "sampler":
-        refs = sampler_refs  # arrived with the samples
-    elif variant == "precompute":
-        refs = ref_pass(model, toks, pad_id, args.batch_size)
-        ref_time = list(since(t0))
-    else:
-        ref_model = copy.deepcopy(model).eval().requires_grad_(False)
-        refs = None
-    model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
-    for start in range(0, len(toks), args.batch_size):
-        idx = list(range(start, min(start + args.batch_size, len(toks))))
-        micro, b = [toks[i] for i in idx], len(idx)
-        if ref_model is not None:
-            t = now()
-            with torch.no_grad():
-                r, _ = pair_logprobs(ref_model, micro, pad_id, dev)
-            ref_chosen, ref_rejected = r[:b], r[b:]
-            dt = since(t)
-            ref_time = [ref_time[0] + dt[0], ref_time[1] + dt[1]]
-        else:
-            ref_chosen, ref_rejected = refs[0][idx], refs[1][idx]
-        logps, lengths = pair_logprobs(model, micro, pad_id, dev)
-        out = preference_loss(logps[:b], lengths[:b], args.beta, args.alpha, policy_rejected=logps[b:],
-                              ref_chosen=ref_chosen, ref_rejected=ref_rejected)
-        out.loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-    total = since(t0)
-    if ref_model is not None:  # a second copy of the weights
-        extra_bytes = sum(p.numel() * p.element_size() for p in ref_model.parameters())
-    else:  # two float32 per pair
-        extra_bytes = 2 * 4 * len(toks)
-    # Same data, order and initial model: every variant should end at the same loss.
-    return {"total": list(total), "ref": ref_time, "extra_memory_bytes": extra_bytes,
-            "last_loss": float(out.loss.detach())}
+    model, _ = load_model(model_dir, device=device())
+    return reference_logprobs(model, toks, pad_id, batch_size, device=device(), show_progress=False,
+                              layout=LAYOUT)
 
 
-def trainer_examples(variant: str, pairs: list[dict], sampler_refs) -> list[dict]:
+def given_examples(variant: str, pairs: list[dict], sampler_refs) -> list[dict]:
     """The pairs as the data stage writes them under ``variant`` (see the module docstring)."""
-    if variant == "trainer_recompute":
+    if variant in ("trainer_recompute", "precompute"):
         return pairs
     chosen, rejected = sampler_refs[0].tolist(), sampler_refs[1].tolist()
     return [{**p, "chosen_ref_logprob": None if variant == "trainer_gold" and i % 2 == 0 else chosen[i],
              "rejected_ref_logprob": rejected[i]} for i, p in enumerate(pairs)]
 
 
-def trainer_stage(variant: str, model_dir: Path, pairs: list[dict], sampler_refs, args) -> dict:
-    """One call of the torch trainer's train() (the driver's train stage); times in (wall, CPU)."""
+def per_step_forward(model_dir: Path, toks, pad_id: int, cfg, ref_time: list[float]):
+    """An ``on_step`` hook running a frozen second model forward on that step's batch (the
+    trainer's batches: batch_order with the stage's seed 0), adding its time to ``ref_time``;
+    and the bytes of that model."""
+    import torch
+
+    from irpo.modeling import load_model
+    from irpo.training.logprobs import examples_logprobs
+    from irpo.training.torch_trainer import LAYOUT, batch_order, plan_steps
+
+    ref_model = load_model(model_dir, device=device())[0].eval().requires_grad_(False)
+    batches = batch_order(len(toks), plan_steps(len(toks), cfg.trainer), cfg.trainer.batch_size, 0)
+
+    def on_step(step: int, metrics: dict) -> None:
+        t = clocks()
+        with torch.no_grad():
+            examples_logprobs(ref_model, [toks[i] for i in batches[step - 1]], pad_id, device(), LAYOUT)
+        dt = since(t)
+        ref_time[0] += dt[0]
+        ref_time[1] += dt[1]
+
+    return on_step, sum(p.numel() * p.element_size() for p in ref_model.parameters())
+
+
+def trainer_stage(variant: str, model_dir: Path, pairs: list[dict], toks, pad_id: int,
+                  sampler_refs, args) -> dict:
+    """One call of the torch trainer's train() (the driver's train stage); times in (wall, CPU):
+    the whole stage for the trainer group, its training part for the loop group."""
     from bench_inputs import rpo_config
 
     from irpo.training import torch_trainer
+    from irpo.training.hooks import StageHooks
 
     cfg = rpo_config(model_dir, args, beta=args.beta, sampler="vllm", warmup_ratio=0.0,
-                     schedule="constant", log_every=10**6)
-    examples = trainer_examples(variant, pairs, sampler_refs)
-    ref_time, real = [0.0, 0.0], torch_trainer.stage_reference
-
-    def timed(*a, **kw):  # the reference part of the stage
-        t = now()
-        out = real(*a, **kw)
-        ref_time[:] = since(t)
-        return out
-
-    out_dir = Path(tempfile.mkdtemp(prefix="ref-logprobs-"))
+                     schedule="constant", log_every=10**6, ref_check_pairs=CHECK_PAIRS[variant])
+    marks: dict = {"steps": []}
+    ref_time, extra_bytes, on_step = [0.0, 0.0], 2 * 4 * len(pairs), None  # two float32 per pair
+    if variant == "per_step":
+        on_step, extra_bytes = per_step_forward(model_dir, toks, pad_id, cfg, ref_time)
     losses = []
-    torch_trainer.stage_reference = timed
+
+    def step_mark(step: int, metrics: dict) -> None:
+        losses.append(metrics["train/loss"])
+        if on_step is not None:
+            on_step(step, metrics)
+        marks["steps"].append(clocks())
+
+    hooks = StageHooks(on_reference=lambda phase: marks.__setitem__(phase, clocks()), on_step=step_mark)
+    out_dir = Path(tempfile.mkdtemp(prefix="ref-logprobs-"))
     try:
-        t0 = now()
-        info = torch_trainer.train(cfg, model_dir, examples, out_dir,
-                                   lambda m, s: losses.append(m["train/loss"]), 0, 0)
+        t0 = clocks()
+        info = torch_trainer.train(cfg, model_dir, given_examples(variant, pairs, sampler_refs),
+                                   out_dir, lambda m, s: None, 0, 0, hooks=hooks)
         total = since(t0)
     finally:
-        torch_trainer.stage_reference = real
         shutil.rmtree(out_dir, ignore_errors=True)
-    return {"total": list(total), "ref": list(ref_time), "extra_memory_bytes": 2 * 4 * len(pairs),
+    if variant != "per_step":  # the reference part of the stage
+        ref_time = [end - start for start, end in zip(marks["start"], marks["end"])]
+    if variant in GROUPS["loop"]:  # from the reference part to the end of the last step
+        total = tuple(end - start for start, end in zip(marks["start"], marks["steps"][-1]))
+    return {"total": list(total), "ref": list(ref_time), "extra_memory_bytes": extra_bytes,
             "last_loss": losses[-1], **{k: v for k, v in info.items() if k.startswith("ref_")}}
 
 
@@ -270,11 +235,12 @@ def markdown(result: dict) -> str:
                 "own (computed once, before timing), so the check finds them equal and every row's "
                 "loss is the same.", "", *trainer_table(summary), ""]
     if any(v in summary for v in GROUPS["loop"]):
-        out += ["## A bare training loop: sampler, precompute pass, or a reference forward every step", "",
-                "The trainer's forward, loss, clipping and AdamW without its bookkeeping, over the "
-                "pairs in order; the reference log-probs from the sampler (none computed), from one "
-                "no-grad pass before the first step, or from a frozen second model run in every step "
-                "(TRL's default).", "", *loop_table(summary), ""]
+        out += ["## The training part: sampler, precompute pass, or a reference forward every step", "",
+                "The same trainer from the start of its reference part to the end of its last step "
+                "(no model load, tokenisation or checkpoint; timed by its hooks), no agreement check; "
+                "the reference log-probs from the sampler (none computed), from one no-grad pass "
+                "before the first step, or with a frozen second model run on every step's batch "
+                "(TRL's default; by the on_step hook).", "", *loop_table(summary), ""]
     out += ["With one epoch per iteration (the default) a precompute pass and a per-step reference "
             "forward do the same FLOPs (one forward per pair); the precompute pass runs without autograd "
             "state and needs no second model in memory. With E epochs the per-step forward is paid E "
@@ -313,28 +279,26 @@ def main() -> None:
     from train_step import machine_info
 
     from irpo.modeling import load_model
-    from irpo.training.data import tokenize_examples
+    from irpo.training.torch_trainer import tokenize_for
 
     inputs = build_inputs(args.workdir, args.pairs)
-    model, tok = load_model(inputs.model_dir, device=device())
-    toks, _ = tokenize_examples(tok, inputs.pairs, 10**6)
-    sampler_refs = ref_pass(model, toks, tok.pad_token_id, args.batch_size)  # stands in for the sampler's
+    model, tok = load_model(inputs.model_dir)
+    toks, _ = tokenize_for(model, tok, inputs.pairs)  # as the trainer does
     del model
+    sampler_refs = sampler_values(inputs.model_dir, toks, tok.pad_token_id, args.batch_size)
     machine = machine_info(threads)
     runs: dict[str, list[dict]] = {v: [] for v in variants}
     for r in range(args.repeats):
         shift = r % len(variants)
         for v in variants[shift:] + variants[:shift]:
-            if v in GROUPS["trainer"]:
-                runs[v].append(trainer_stage(v, inputs.model_dir, inputs.pairs, sampler_refs, args))
-            else:
-                runs[v].append(iteration(v, inputs.model_dir, toks, tok.pad_token_id, sampler_refs, args))
+            runs[v].append(trainer_stage(v, inputs.model_dir, inputs.pairs, toks, tok.pad_token_id,
+                                         sampler_refs, args))
             print(f"repeat {r} {v}: {runs[v][-1]['total'][0]:.1f} s wall, "
                   f"{runs[v][-1]['total'][1]:.1f} s CPU", flush=True)
     result = {"work": {"pairs": args.pairs, "batch_size": args.batch_size, "threads": threads,
                        "repeats": args.repeats, "prompt_tokens": inputs.prompt_tokens,
                        "response_tokens": inputs.response_tokens, "model_parameters": inputs.num_parameters,
-                       "cpu": machine["cpu"], "load_average_end": os.getloadavg()},
+                       "cpu": machine["cpu"], "load_average_end": load()},
               "machine": machine, "summary": summarise(runs, args.pairs), "runs": runs}
     Path(args.out + ".json").write_text(json.dumps(result, indent=2))
     Path(args.out + ".md").write_text(markdown(result))

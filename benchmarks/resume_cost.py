@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import random
 import signal
 import sys
@@ -32,6 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_inputs import build_inputs, rpo_config
+from measure import cpu_name, load
 
 from irpo.training.torch_trainer import train
 
@@ -194,15 +194,15 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    machine = {"cpu": platform.processor() or platform.machine(), "threads": args.threads,
-               "load_before": round(os.getloadavg()[0], 2), "torch": torch.__version__}
+    machine = {"cpu": cpu_name(), "threads": args.threads, "load_before": round(load()[0], 2),
+               "torch": torch.__version__}
     with tempfile.TemporaryDirectory() as tmp:
         inputs = build_inputs(Path(tmp), args.pairs)
         res = {"machine": machine, "args": vars(args), "model_parameters": inputs.num_parameters,
                "checkpoints": checkpoint_cost(inputs, args, Path(tmp)),
                "work_lost": work_lost(inputs, args, Path(tmp))}
     res["chunks"] = chunk_cost(args)
-    res["machine"]["load_after"] = round(os.getloadavg()[0], 2)
+    res["machine"]["load_after"] = round(load()[0], 2)
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "resume_cost.json").write_text(json.dumps(res, indent=1))
     (RESULTS / "resume_cost.md").write_text(render(res))

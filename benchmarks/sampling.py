@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -31,6 +30,10 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+from measure import cpu_isa, gpu_name, memory_gib, versions
+from measure import load as current_load
+from measure import machine as machine_facts
 
 NS = (1, 8, 30)
 # Prompts per call for each N: about 100-250 sequences per call, so vLLM's
@@ -42,28 +45,10 @@ BIG = {"hidden_size": 512, "num_layers": 8, "num_heads": 16, "intermediate_size"
 
 def machine() -> dict:
     import torch
-    import transformers
 
-    cpu = "unknown"
-    with open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    import vllm
-
-    with open("/proc/cpuinfo") as f:
-        flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
-    isa = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
-    info = {"cpu": cpu, "isa": isa, "logical_cpus": os.cpu_count(),
-            "usable_cpus": len(os.sched_getaffinity(0)), "python": platform.python_version(),
-            "torch": torch.__version__, "transformers": transformers.__version__,
-            "vllm": vllm.__version__, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
-            "torch_threads": torch.get_num_threads(),
-            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
-    with open("/proc/meminfo") as f:
-        info["mem_gib"] = round(int(f.readline().split()[1]) / 2**20, 1)
-    return info
+    return machine_facts(isa=cpu_isa(), **versions("transformers", "vllm"),
+                         OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS"),
+                         torch_threads=torch.get_num_threads(), gpu=gpu_name(), mem_gib=memory_gib())
 
 
 def models(cache: Path) -> dict[str, Path]:
@@ -126,7 +111,7 @@ def start_samplers(path: Path, dtype: str) -> tuple[dict, dict]:
 
 
 def measure(sampler, texts: list[str], n: int, seed: int) -> dict:
-    load = os.getloadavg()[0]
+    load = current_load()[0]
     gens, wall = timed(lambda: sampler.generate(texts, n, 1.0, MAX_NEW_TOKENS, seed=seed, desc="bench"))
     tokens = sum(g.num_tokens for gs in gens for g in gs)
     return {"wall_s": wall, "tokens": tokens, "samples": len(texts) * n,

@@ -30,7 +30,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -42,23 +41,15 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 from bench_inputs import build_inputs, read_pairs, shared_prefix_flops, step_flops
+from measure import gpu_name, load, machine, versions
 
 DEFAULT_SIDES = ("ours", "trl", "trl_pre")
 LOSS_TOL = {"abs_at_alpha0": 1e-5, "rel_at_alpha": 1e-5, "abs_varlen_prediction": 1e-4}
 
 
 def machine_info(threads: int) -> dict:
-    import torch
-    import transformers
-    import trl
-
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    return {"cpu": cpu, "gpu": gpu, "logical_cpus": os.cpu_count(), "usable_cpus": len(os.sched_getaffinity(0)),
-            "threads": threads, "python": platform.python_version(), "torch": torch.__version__,
-            "transformers": transformers.__version__, "trl": trl.__version__,
-            "load_average_start": os.getloadavg()}
+    return machine(gpu=gpu_name(), threads=threads, **versions("transformers", "trl"),
+                   load_average_start=load())
 
 
 def matmul_peak(sizes=(512, 1024, 2048), reps: int = 7) -> dict:
@@ -233,7 +224,7 @@ def main() -> None:
         flops = {"step": fwd * (4 if per_step_ref else 3), "stage": fwd * 4 * n_steps}
         summary[side] = side_summary(runs[side], flops, peak, 2 * seq_len)
     result = {
-        "machine": {**machine, "load_average_end": os.getloadavg()},
+        "machine": {**machine, "load_average_end": load()},
         "matmul_peak": {"measurements": peaks, "used_gflops": peak},
         "work": {"model_parameters": inputs.num_parameters, "hidden": model_config.hidden_size,
                  "layers": model_config.num_hidden_layers, "head_dim": 32, "vocab": model_config.vocab_size,

@@ -13,11 +13,12 @@ post-import baseline than the trainer before packing (``ours_padded``).
 from __future__ import annotations
 
 import json
-import os
 import statistics
 import subprocess
 import time
 from pathlib import Path
+
+from measure import load  # benchmarks/: this script's folder
 
 SIDES = ("ours", "ours_refpass", "ours_padded", "trl", "trl_pre")
 TRL = ("trl", "trl_pre")
@@ -98,7 +99,7 @@ def run_varlen(args, run_side) -> None:
         if "ours_padded" in sides:
             targets["met"]["memory<=before"] = (summary["ours"]["rss_above_import_mib"]
                                                 <= summary["ours_padded"]["rss_above_import_mib"])
-    result = {"machine": {**machine, "load_average_end": os.getloadavg(), "uptime_before": load_before,
+    result = {"machine": {**machine, "load_average_end": load(), "uptime_before": load_before,
                           "uptime_after": uptime()},
               "work": {**meta, "batch_size": args.batch_size, "lr": args.lr, "alpha": args.alpha,
                        "beta": 0.1, "dtype": "float32", "steps_per_run": -(-args.pairs // args.batch_size)},

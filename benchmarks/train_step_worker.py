@@ -12,7 +12,7 @@ and writes the timings to ``--out``. Sides:
   pairs, then one packed forward per step;
 * ``ours_refpass``: the same with the pairs' reference log-probs dropped (a reference pass);
 * ``ours_padded``: ``ours_refpass`` with the padded shared-prefix layout the trainer used
-  before packing (``torch_trainer.LAYOUT = "shared_prefix"``): today's trainer before this change;
+  before packing (``train(..., layout="shared_prefix")``): today's trainer before this change;
 * ``trl``: TRL's ``DPOTrainer`` with ``loss_type=["sigmoid", "sft"]``, ``loss_weights=[1, alpha]``
   and a reference model forward every step;
 * ``trl_pre``: the same with ``precompute_ref_log_probs=True`` (one pass before training);
@@ -21,9 +21,11 @@ and writes the timings to ``--out``. Sides:
 Every side runs on the same device (the GPU if there is one, else the CPU), fp32, the same
 batch size, learning rate, linear schedule with 10% warm-up, AdamW (weight decay 0),
 clipping at 1, dropout off, a metrics log every step and one save at the end. Step times are
-the intervals between consecutive end-of-step callbacks (ours: the per-step ``log_metrics``
-call), so each includes one optimiser step and one metrics log; on a GPU each mark waits for
-the queued kernels (``torch.cuda.synchronize``).
+the intervals between consecutive end-of-step callbacks (ours: the trainer's ``on_step`` hook,
+irpo.training.hooks, right after its per-step metrics log; the reference pass is timed by its
+``on_reference`` hook), so each includes one optimiser step and one metrics log; on a GPU each
+mark waits for the queued kernels (``torch.cuda.synchronize``). The warm-up is the trainer's
+own rule (``torch_trainer.warmup_steps``), given to TRL as a step count.
 :func:`first_step_loss` runs one step of a side in-process (for the loss agreement check).
 """
 
@@ -33,11 +35,9 @@ import argparse
 import itertools
 import json
 import os
-import resource
 import shutil
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -48,76 +48,50 @@ SIDES = ("ours", "ours_refpass", "ours_padded", "trl", "trl_pre", "trl_default")
 OURS = ("ours", "ours_refpass", "ours_padded")
 REF_KEYS = ("chosen_ref_logprob", "rejected_ref_logprob")
 
-
-def rss_mib() -> float:
-    """Peak RSS of this process image. Not ru_maxrss: that keeps the parent's peak across fork+exec."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def now() -> tuple[float, float]:
-    """(wall, CPU) seconds, after the GPU's queued work. CPU time: what the contention of a
-    shared machine distorts least (on a GPU it only counts the host side)."""
-    import torch
-
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    return time.perf_counter(), time.process_time()
-
-
-def peak_gpu_mib() -> float | None:
-    import torch
-
-    return torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
-
-
-def warmup_steps(steps: int) -> int:
-    return int(0.1 * steps)  # what irpo's trainer does for warmup_ratio=0.1
+from measure import clocks, peak_gpu_mib, peak_rss_mib  # benchmarks/ is on the path now
 
 
 def run_ours(model_dir: Path, pairs: list[dict], args, out_dir: Path, side: str = "ours") -> dict:
     from bench_inputs import rpo_config
 
-    import irpo.training.torch_trainer as tt
+    from irpo.training.hooks import StageHooks
+    from irpo.training.torch_trainer import train
 
     cfg = rpo_config(model_dir, args, beta=args.beta)
     if side != "ours":  # no sampler reference log-probs: a reference pass
         pairs = [{k: v for k, v in p.items() if k not in REF_KEYS} for p in pairs]
-    tt.LAYOUT = "shared_prefix" if side == "ours_padded" else "packed"
     marks: dict = {"step_end": [], "losses": []}
-    original = tt.reference_logprobs
 
-    def timed_reference(*a, **kw):  # the trainer's own pass, timed from outside
-        t = now()
-        result = original(*a, **kw)
-        marks["ref_end"] = now()
-        marks["ref"] = [marks["ref_end"][0] - t[0], marks["ref_end"][1] - t[1]]
-        return result
+    def on_reference(phase: str) -> None:  # "start", "end": the trainer's own pass
+        marks[f"ref_{phase}"] = clocks()
 
-    def log_metrics(metrics: dict, step: int) -> None:
-        marks["step_end"].append(now())
+    def on_step(step: int, metrics: dict) -> None:
+        marks["step_end"].append(clocks())
         marks["losses"].append(metrics["train/loss"])
 
-    tt.reference_logprobs = timed_reference
-    try:
-        t0 = now()
-        tt.train(cfg, model_dir, pairs, out_dir, log_metrics, 0, args.seed)
-        t_end = now()
-    finally:
-        tt.reference_logprobs = original
-    return {"t0": t0, "t_end": t_end, "first_step_start": marks.get("ref_end", t0), **marks}
+    t0 = clocks()
+    train(cfg, model_dir, pairs, out_dir, lambda metrics, step: None, 0, args.seed,
+          hooks=StageHooks(on_reference=on_reference, on_step=on_step),
+          layout="shared_prefix" if side == "ours_padded" else "packed")
+    t_end = clocks()
+    if "ref_end" in marks:
+        marks["ref"] = [end - start for start, end in zip(marks.pop("ref_start"), marks["ref_end"])]
+    return {"t0": t0, "t_end": t_end, "first_step_start": marks.pop("ref_end", t0), **marks}
 
 
 def trl_config(side: str, args, steps: int, out_dir: Path, **extra):
     import torch
+    from bench_inputs import rpo_config
     from trl import DPOConfig
+
+    from irpo.training.torch_trainer import warmup_steps
+
+    ours = rpo_config(out_dir, args, beta=args.beta).trainer  # the same schedule as ours
 
     return DPOConfig(
         output_dir=str(out_dir), per_device_train_batch_size=args.batch_size,
         gradient_accumulation_steps=1, num_train_epochs=1, learning_rate=args.lr,
-        lr_scheduler_type="linear", warmup_steps=warmup_steps(steps), weight_decay=0.0,
+        lr_scheduler_type=ours.schedule, warmup_steps=warmup_steps(ours, steps), weight_decay=0.0,
         max_grad_norm=1.0, beta=args.beta, loss_type=["sigmoid", "sft"], loss_weights=[1.0, args.alpha],
         precompute_ref_log_probs=side == "trl_pre",
         gradient_checkpointing=side == "trl_default",  # TRL's default is True; ours never does it
@@ -137,9 +111,9 @@ def make_trl_trainer(side: str, model_dir: Path, pairs: list[dict], args, out_di
         """DPOTrainer unchanged except that its precompute pass is timed."""
 
         def _precompute_ref_logps(self, *a, **kw):
-            t = now()
+            t = clocks()
             result = super()._precompute_ref_logps(*a, **kw)
-            end = now()
+            end = clocks()
             marks["ref"] = [end[0] - t[0], end[1] - t[1]]
             return result
 
@@ -158,25 +132,25 @@ def run_trl(side: str, model_dir: Path, pairs: list[dict], args, out_dir: Path) 
 
     class Timer(TrainerCallback):
         def on_step_begin(self, a, state, control, **kw):
-            timeline.setdefault("first_step_start", now())
+            timeline.setdefault("first_step_start", clocks())
 
         def on_step_end(self, a, state, control, **kw):
-            timeline["step_end"].append(now())
+            timeline["step_end"].append(clocks())
 
         def on_log(self, a, state, control, logs=None, **kw):
             if logs and "loss" in logs:
                 timeline["losses"].append(logs["loss"])
 
-    t0 = now()
+    t0 = clocks()
     trainer, marks = make_trl_trainer(side, model_dir, pairs, args, out_dir, [Timer()])
     trainer.train()
     trainer.save_model(str(out_dir / "final"))  # ours saves its one checkpoint too
-    return {"t0": t0, "t_end": now(), **marks, **timeline}
+    return {"t0": t0, "t_end": clocks(), **marks, **timeline}
 
 
 def summarise(side: str, raw: dict, n_pairs: int, batch_size: int, rss_import: float) -> dict:
     out = {"side": side, "pairs": n_pairs, "steps": len(raw["step_end"]), "batch_size": batch_size,
-           "losses": raw["losses"], "rss_after_import_mib": rss_import, "peak_rss_mib": rss_mib(),
+           "losses": raw["losses"], "rss_after_import_mib": rss_import, "peak_rss_mib": peak_rss_mib(),
            "peak_gpu_mib": peak_gpu_mib()}
     for i, clock in enumerate(("wall", "cpu")):
         ends = [m[i] for m in raw["step_end"]]
@@ -229,7 +203,7 @@ def main() -> None:
     from bench_inputs import read_pairs
 
     pairs = read_pairs(args.workdir / "pairs.jsonl")
-    rss_import = rss_mib()
+    rss_import = peak_rss_mib()
     try:
         if args.side in OURS:
             raw = run_ours(args.workdir / "model", pairs, args, Path(tmp), args.side)
