@@ -124,6 +124,47 @@ def test_shard_root(tmp_path):
         shard_root(None, "org/model")
 
 
+class EchoEngine:
+    """An engine stand-in for the shard mechanics: prompt k's sample names its global index."""
+
+    def __init__(self, request):
+        self.request, self.closed = request, False
+
+    def generate_ids(self, encoded, n, temperature, max_new_tokens, seed, first_index=0, desc=""):
+        return [[Generation(f"{first_index + k}:{len(ids)}", 1, True)] * n for k, ids in enumerate(encoded)]
+
+    def close(self):
+        self.closed = True
+
+
+def test_a_node_starts_its_engine_through_the_samplers_own_function(tmp_path):
+    """run_shard knows no backend: it calls start_engine(request) (for vllm, the node entry
+    point python -m irpo.sampling.vllm passes engine_from_request) and closes that engine."""
+    import importlib.util
+
+    from irpo.sampling.vllm import VLLMSampler
+
+    assert importlib.util.find_spec(VLLMSampler.node_module).origin.endswith("irpo/sampling/vllm.py")
+    sampler = type("S", (), {"cfg": dataclasses.replace(CFG, nodes=2), "model_path": "/m", "dtype": "f32"})
+    request = write_request(tmp_path, sampler, [[1], [2, 3], [4, 5, 6]], 2, 1.0, 8, 0, 2, first_index=10)
+    started = []
+
+    def start_engine(req):
+        started.append(EchoEngine(req))
+        return started[-1]
+
+    for shard in range(2):
+        run_shard(request, shard, start_engine=start_engine)
+    assert [e.request["model_path"] for e in started] == ["/m", "/m"] and all(e.closed for e in started)
+    assert VLLMSamplerConfig(**started[0].request["sampler"]) == dataclasses.replace(CFG, nodes=2)
+    merged = merge_shards(request.parent, 3, 2)
+    assert [g[0].text for g in merged] == ["10:1", "11:2", "12:3"] and len(merged[0]) == 2
+    run_shard(request, 0, start_engine=start_engine)  # a finished shard starts no engine
+    assert len(started) == 2
+    with pytest.raises(ValueError, match="give an engine .sampler. or a way to start one"):
+        run_shard(request, 1)
+
+
 def test_request_seeds_are_distinct_and_stable():
     seeds = {request_seed(s, i) for s in range(3) for i in range(2000)}
     assert len(seeds) == 6000 and max(seeds) < 2**62
