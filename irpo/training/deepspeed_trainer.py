@@ -284,11 +284,8 @@ def _load_engine(cfg, init_path: str, ds_config: dict, device, steps: int):
 
 
 def worker(work: Path, hooks: StageHooks = NO_HOOKS) -> None:
-    """One rank of the stage: train, write metrics.jsonl and summary.json (rank 0), checkpoints.
-
-    ``hooks`` (irpo.training.hooks) are called in every rank: a benchmark that starts the
-    ranks itself (torchrun of its own script calling this) watches the real steps.
-    """
+    """One rank of the stage: train, write metrics.jsonl and summary.json (rank 0), checkpoints;
+    ``hooks`` (irpo.training.hooks) run in every rank (a benchmark's own torchrun script)."""
     import torch.distributed as dist
 
     req = pickle.loads((work / "request.pkl").read_bytes())
