@@ -19,8 +19,8 @@ the same config gives the same weights, bit for bit, at any thread count:
 
 Not guaranteed: on a non-Intel CPU oneMKL ignores the AVX2 branch and picks its own
 kernels, and another torch or oneMKL version may round differently. The checksum then
-differs, and M0's accuracy may too: two pre-training seeds of the default schedule
-land far apart (README, "The built-in model M0").
+differs, and M0's accuracy may too: rebuilt with oneMKL's default kernels (other
+rounding) the default M0 scored 49.9% instead of 52.3% (README, "The built-in model M0").
 
 The build writes ``irpo_builtin.json`` (irpo.builtin_record) beside the weights: the build key, the sha256
 of the weight tensors (:func:`weights_checksum`) and M0's greedy accuracy on the first

@@ -133,8 +133,8 @@ class ModelConfig:
     vocab_size: int = 512
     max_position_embeddings: int = 2048  # long real-task prompts (GSM8K, MATH) still fit
     # Pre-training of the built-in model on the task's pre-training split, chosen among
-    # candidates for an M0 whose accuracy two seeds agree on and that leaves the iterations
-    # headroom (README, "The built-in model M0").
+    # candidates for an M0 that a change of rounding moves little and that leaves the
+    # iterations headroom (README, "The built-in model M0").
     pretrain_steps: int = 800
     pretrain_batch_size: int = 32
     # 3e-3 before: there a change of rounding alone moved M0 by up to 17 points (README).
