@@ -23,7 +23,16 @@ from pathlib import Path
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf, open_dict
 
+from irpo.registry import Backend, Registry
+
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+
+# The backends each config group selects (irpo.registry): a backend's schema is declared
+# here with its name and its builder, and these registries fill both the ConfigStore's
+# ``schema/<group>`` and the lookup that builds the configured backend.
+TASKS: Registry[Backend] = Registry("task", "dataset.name")
+SAMPLERS: Registry[Backend] = Registry("sampler", "sampler.name")
+TRAINERS: Registry[Backend] = Registry("trainer backend", "trainer.name")
 
 # --------------------------------------------------------------------- dataset
 
@@ -52,6 +61,7 @@ class DatasetConfig:
     checkpoints: int = 1
 
 
+@TASKS.backend("arith", builder="irpo.tasks.arith:build_arith")
 @dataclass
 class ArithConfig(DatasetConfig):
     """The embedded synthetic multi-step arithmetic task (irpo/tasks/arith.py).
@@ -93,6 +103,13 @@ class HubTaskConfig(DatasetConfig):
     # The paper's checkpoint selection: 4 evenly spaced checkpoints per iteration, the best
     # on the valid split (held-out training prompts) kept.
     checkpoints: int = 4
+
+
+for _name, _builder in {"gsm8k": "irpo.tasks.gsm8k:build", "math": "irpo.tasks.math:build",
+                        "math500": "irpo.tasks.math:build_500",
+                        "arc_challenge": "irpo.tasks.arc:build"}.items():
+    TASKS.register(_name, Backend(HubTaskConfig, _builder, schema_name="hub"))
+del _name, _builder
 
 
 # ----------------------------------------------------------------------- method
@@ -161,6 +178,7 @@ class SamplerConfig:
     chunk_size: int = 1024
 
 
+@SAMPLERS.backend("hf", builder="irpo.sampling.hf:HFSampler")
 @dataclass
 class HFSamplerConfig(SamplerConfig):
     """transformers ``generate`` in the driver (irpo/sampling/hf.py)."""
@@ -171,6 +189,7 @@ class HFSamplerConfig(SamplerConfig):
     return_logprobs: bool = True
 
 
+@SAMPLERS.backend("vllm", builder="irpo.sampling.vllm:VLLMSampler")
 @dataclass
 class VLLMSamplerConfig(SamplerConfig):
     """vLLM's offline engine (irpo/sampling/vllm.py); batch_size is unused (vLLM batches itself)."""
@@ -226,6 +245,7 @@ class TrainerConfig:
     ref_check_tolerance: float = 1e-2  # max |sampler - recomputed| summed log-prob, else fail
 
 
+@TRAINERS.backend("torch", builder="irpo.training.torch_trainer:train")
 @dataclass
 class TorchTrainerConfig(TrainerConfig):
     """One process (irpo/training/torch_trainer.py)."""
@@ -233,6 +253,7 @@ class TorchTrainerConfig(TrainerConfig):
     device: str = "auto"  # auto: the GPU if there is one, else the CPU; or cpu, cuda, cuda:1
 
 
+@TRAINERS.backend("deepspeed", builder="irpo.training.deepspeed_trainer:train")
 @dataclass
 class DeepSpeedTrainerConfig(TrainerConfig):
     """ZeRO over ``num_processes`` workers per node (irpo/training/deepspeed_trainer.py)."""
@@ -318,11 +339,11 @@ class Config:
 # (methods, ``@package _global_``, use ``- /schema/method/method@method``).
 SCHEMA_GROUP = "schema"
 SCHEMAS: dict[str, dict[str, type]] = {
-    "dataset": {"arith": ArithConfig, "hub": HubTaskConfig},
+    "dataset": TASKS.schemas(),
     "method": {"method": MethodConfig},
     "model": {"model": ModelConfig},
-    "sampler": {"hf": HFSamplerConfig, "vllm": VLLMSamplerConfig},
-    "trainer": {"torch": TorchTrainerConfig, "deepspeed": DeepSpeedTrainerConfig},
+    "sampler": SAMPLERS.schemas(),
+    "trainer": TRAINERS.schemas(),
     "eval": {"eval": EvalConfig},
     "tracking": {"tracking": TrackingConfig},
 }

@@ -32,7 +32,7 @@ from irpo.pairs import NoTrainingData, build_examples, pool_examples
 from irpo.record import StepLog, run_record, stage_record, write_run_summary
 from irpo.rundir import KILL_AT_STEP_ENV, RunDir, config_hash, read_jsonl, write_jsonl
 from irpo.runlock import RunInProgress, RunLock
-from irpo.sampling import build_sampler
+from irpo.sampling import build_sampler, can_score
 from irpo.summary import iteration_rows, render_table
 from irpo.tasks import Example, Task, build_task
 from irpo.tracking import (
@@ -121,10 +121,9 @@ def stage_sample(ctx: Context, t: int, model: Path, out: Path) -> dict:
 
 def scores_gold(cfg: Config) -> bool:
     """Whether the sample stage scores the gold CoTs (see :func:`score_gold`)."""
-    # return_logprobs: a sampler that returns log-probs (hf, vllm) also scores gold CoTs (score()).
+    # Scoring given texts is the sampler's declared capability (irpo.sampling.Scorer).
     return bool(needs_reference(cfg) and cfg.dataset.add_gold_to_winners and cfg.trainer.sampler_ref_logprobs
-                and getattr(cfg.sampler, "return_logprobs", False)
-                and getattr(cfg.sampler, "nodes", 1) == 1)
+                and can_score(cfg.sampler))
 
 
 def score_gold(ctx: Context, t: int, model: Path, records: list[dict]) -> float:

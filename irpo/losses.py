@@ -18,7 +18,7 @@ The methods (the README's method table) are weightings of two terms (Pang et al.
 PREF is the loss ``method.loss`` names in :data:`LOSSES`: ``sigmoid`` (DPO), ``ipo``
 (IPO) or ``none`` (no preference term; sft and star, which need neither rejected
 sequences nor a reference). Adding a loss is one per-example function here, with
-hand-derived tests, one :data:`LOSSES` entry, and a method YAML that names it.
+hand-derived tests, one :data:`LOSSES` registration, and a method YAML that names it.
 """
 
 from __future__ import annotations
@@ -29,6 +29,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from irpo.registry import Registry
 
 
 def sequence_logprobs(
@@ -125,19 +127,16 @@ class PreferenceLoss:
     needs_reference: bool
 
 
-# The names ``method.loss`` accepts (config validation lists them).
-LOSSES: dict[str, PreferenceLoss] = {
-    "sigmoid": PreferenceLoss(dpo_loss, needs_reference=True),  # DPO (Rafailov et al. 2023)
-    "ipo": PreferenceLoss(ipo_loss, needs_reference=True),  # IPO (Azar et al. 2023)
-    "none": PreferenceLoss(None, needs_reference=False),  # NLL only: sft, star
-}
+# The names ``method.loss`` accepts (irpo.registry: config validation lists them).
+LOSSES: Registry[PreferenceLoss] = Registry("loss", "method.loss")
+LOSSES.register("sigmoid", PreferenceLoss(dpo_loss, needs_reference=True))  # DPO (Rafailov et al. 2023)
+LOSSES.register("ipo", PreferenceLoss(ipo_loss, needs_reference=True))  # IPO (Azar et al. 2023)
+LOSSES.register("none", PreferenceLoss(None, needs_reference=False))  # NLL only: sft, star
 
 
 def get_loss(name: str) -> PreferenceLoss:
     """The entry of :data:`LOSSES` called ``name``; ValueError listing the known names."""
-    if name not in LOSSES:
-        raise ValueError(f"unknown preference loss {name!r}; known: {', '.join(sorted(LOSSES))}")
-    return LOSSES[name]
+    return LOSSES.get(name)
 
 
 @dataclass

@@ -39,10 +39,10 @@ def nll_weight(cfg) -> float:
 def method_checks(cfg) -> list[tuple[bool, str]]:
     """(ok, message) pairs of the method's rules; an unknown loss is the only one then."""
     m = cfg.method
-    if m.loss not in LOSSES:
-        return [(False, (f"method.loss={m.loss!r} is not a known loss; "
-                         f"known: {', '.join(sorted(LOSSES))}"))]
-    spec = LOSSES[m.loss]
+    try:
+        spec = LOSSES.get(m.loss)
+    except ValueError as err:  # "method.loss='x' is not a known loss; known: ..."
+        return [(False, str(err))]
     return [
         (m.data in DATA_POLICIES, f"method.data={m.data!r} must be gold, correct or pairs"),
         (

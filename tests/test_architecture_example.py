@@ -1,11 +1,11 @@
 """docs/architecture.md's worked example, executed: adding a preference loss.
 
 The doc adds a hinge loss in three steps: a per-example function in irpo/losses.py, a
-``LOSSES`` entry, and a method YAML that names it. This test takes the same three steps
+``LOSSES`` registration, and a method YAML that names it. This test takes the same three steps
 for real (the function is defined here and its source must appear verbatim in the doc;
 the YAML is read out of the doc), composes the config as ``python -m irpo.main
 method=hinge`` would, validates it, and checks the combined loss and its gradient, as the
-trainers call it, against values derived by hand. The registry entry is added with
+trainers call it, against values derived by hand. The registration is done with
 monkeypatch, so nothing leaks into other tests.
 """
 
@@ -24,7 +24,7 @@ from irpo.losses import LOSSES, PreferenceLoss, preference_loss
 from irpo.method import needs_reference, nll_weight
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "architecture.md"
-REGISTRY_LINE = '"hinge": PreferenceLoss(hinge_loss, needs_reference=True),'
+REGISTRY_LINE = 'LOSSES.register("hinge", PreferenceLoss(hinge_loss, needs_reference=True))'
 
 
 def hinge_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta):

@@ -216,9 +216,9 @@ def test_registry_names_each_loss_its_function_and_its_needs():
 
 
 def test_unknown_loss_lists_the_known_ones():
-    with pytest.raises(ValueError, match="unknown preference loss 'hinge'; known: ipo, none, sigmoid"):
+    with pytest.raises(ValueError, match="method.loss='hinge' is not a known loss; known: ipo, none, sigmoid"):
         get_loss("hinge")
-    with pytest.raises(ValueError, match="unknown preference loss 'hinge'"):
+    with pytest.raises(ValueError, match="method.loss='hinge' is not a known loss"):
         preference_loss(torch.tensor([-1.0]), torch.tensor([1]), 0.1, 1.0, loss="hinge")
 
 

@@ -15,15 +15,20 @@ Prompts are the tasks' raw ``Example.prompt`` strings; the backend applies
 and training condition on identical token ids. Backends: ``hf``
 (transformers ``generate``, CPU and tests) and ``vllm`` (irpo/sampling/vllm.py,
 a class ``VLLMSampler`` with the same constructor, imported only when asked for).
-``VLLMSampler`` also has ``score(prompts, responses)``: the summed log-prob of responses
-it did not sample (the driver's gold CoT winners).
+Backends are declared with their schemas in :data:`irpo.config.SAMPLERS`.
+
+Scoring given texts is an optional capability: a backend that has it is a :class:`Scorer`
+(``score(prompts, responses)``: the summed log-prob of responses it did not sample, the
+driver's gold CoT winners) and says, from its config, whether its scores are on
+(:func:`can_score`); the driver asks this instead of reading config fields.
 """
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
+
+from irpo.config import SAMPLERS
 
 
 @dataclass(frozen=True)
@@ -51,27 +56,35 @@ class Sampler(Protocol):
         ...
 
 
-# name -> "module:Class". Imported lazily so that the hf backend never needs vllm.
-_BACKENDS: dict[str, str] = {
-    "hf": "irpo.sampling.hf:HFSampler",
-    "vllm": "irpo.sampling.vllm:VLLMSampler",
-}
+@runtime_checkable
+class Scorer(Protocol):
+    """A sampler that also scores texts it did not sample, as :attr:`Generation.logprob`."""
+
+    def score(self, prompts: list[str], responses: list[str],
+              desc: str = "scoring") -> list[float | None]:
+        """Summed log-prob of each response after its prompt; None where it cannot."""
+        ...
+
+    @classmethod
+    def scores(cls, sampler_cfg: Any) -> bool:
+        """Whether a sampler built from ``sampler_cfg`` returns log-probs and scores texts."""
+        ...
+
+
+def sampler_class(name: str) -> type:
+    """The class of sampler backend ``name`` (its module imported now, its engine not)."""
+    return SAMPLERS.load(name)
+
+
+def can_score(sampler_cfg: Any) -> bool:
+    """Whether the configured sampler is a :class:`Scorer` whose scores are on."""
+    cls = sampler_class(sampler_cfg.name)
+    return issubclass(cls, Scorer) and cls.scores(sampler_cfg)
 
 
 def build_sampler(sampler_cfg: Any, model_path: str, dtype: str = "float32") -> Sampler:
     """The sampler named ``sampler_cfg.name``, loaded with the checkpoint at ``model_path``."""
-    try:
-        target = _BACKENDS[sampler_cfg.name]
-    except KeyError:
-        raise ValueError(
-            f"sampler.name={sampler_cfg.name!r} is not a known sampler; known: {', '.join(_BACKENDS)}"
-        ) from None
-    module_name, class_name = target.split(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as err:
-        raise ImportError(f"sampler={sampler_cfg.name} needs {module_name}: {err}") from err
-    return getattr(module, class_name)(model_path, sampler_cfg, dtype)
+    return sampler_class(sampler_cfg.name)(model_path, sampler_cfg, dtype)
 
 
-__all__ = ["Generation", "Sampler", "build_sampler"]
+__all__ = ["Generation", "Sampler", "Scorer", "build_sampler", "can_score", "sampler_class"]

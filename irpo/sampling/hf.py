@@ -136,6 +136,11 @@ class HFSampler:
     def return_logprobs(self) -> bool:
         return bool(getattr(self.cfg, "return_logprobs", False))
 
+    @classmethod
+    def scores(cls, sampler_cfg: Any) -> bool:
+        """irpo.sampling.Scorer: score() matches the samples' log-probs when they are returned."""
+        return bool(getattr(sampler_cfg, "return_logprobs", False))
+
     def _decode(self, tokens: list[int], step_logprobs: list[float] | None = None) -> Generation:
         # Everything after the first EOS is padding added once the row finished.
         for k, token in enumerate(tokens):

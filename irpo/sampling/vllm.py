@@ -131,6 +131,11 @@ class VLLMSampler:
             return
         self._start_engine()
 
+    @classmethod
+    def scores(cls, sampler_cfg: Any) -> bool:
+        """irpo.sampling.Scorer: with log-probs on and one engine in the driver (nodes=1)."""
+        return bool(sampler_cfg.return_logprobs) and sampler_cfg.nodes == 1
+
     # ------------------------------------------------------------------ engine
 
     def _start_engine(self) -> None:

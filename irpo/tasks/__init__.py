@@ -1,27 +1,20 @@
 """Benchmarks as tasks: ``build_task(dataset_cfg)`` returns the configured one.
 
-Each task lives in its own module and registers itself on import; the modules
-listed in ``_BUILTIN`` are imported on first use.
+Each task lives in its own module; :data:`irpo.config.TASKS` declares its name, schema
+and builder, and the module is imported when its task is first built.
 """
 
 from __future__ import annotations
 
-import importlib
+from typing import Any
 
-from irpo.tasks.base import SPLITS, Example, Task, register, registered
-from irpo.tasks.base import build_task as _build
-
-_BUILTIN = ("arith", "gsm8k", "math", "arc")
+from irpo.config import TASKS
+from irpo.tasks.base import SPLITS, Example, Task
 
 
-def _import_builtin() -> None:
-    for module in _BUILTIN:
-        importlib.import_module(f"irpo.tasks.{module}")
+def build_task(cfg: Any) -> Task:
+    """The task named ``cfg.name``, built from its dataset config."""
+    return TASKS.load(cfg.name)(cfg)
 
 
-def build_task(cfg) -> Task:
-    _import_builtin()
-    return _build(cfg)
-
-
-__all__ = ["SPLITS", "Example", "Task", "build_task", "register", "registered"]
+__all__ = ["SPLITS", "Example", "Task", "build_task"]

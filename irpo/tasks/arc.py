@@ -20,7 +20,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from irpo.tasks.base import Example, register
+from irpo.tasks.base import Example
 from irpo.tasks.common import (
     HubTask,
     Source,
@@ -129,6 +129,6 @@ class ARCChallenge(HubTask):
         return letter is not None and letter == gold_answer.strip().strip("()").upper()
 
 
-@register("arc_challenge")
+# dataset.name=arc_challenge: the builder irpo.config.TASKS names.
 def build(cfg: Any) -> ARCChallenge:
     return ARCChallenge(cfg)

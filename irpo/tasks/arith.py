@@ -35,7 +35,7 @@ import re
 from dataclasses import dataclass
 
 from irpo.config import ArithConfig
-from irpo.tasks.base import SPLITS, Example, register
+from irpo.tasks.base import SPLITS, Example
 
 PROMPT_TEMPLATE = "Question: {question}\nAnswer:"
 
@@ -259,6 +259,6 @@ def is_correct(response: str, gold_answer: str) -> bool:
         return False
 
 
-@register("arith")
+# dataset.name=arith: the builder irpo.config.TASKS names.
 def build_arith(cfg: ArithConfig) -> ArithTask:
     return ArithTask(cfg)

@@ -1,17 +1,18 @@
-"""The task interface every benchmark implements, and the task registry.
+"""The task interface every benchmark implements, and its records.
 
 A task owns its data, its prompt and its answer checker (one file per task, as
 in nanochat's ``tasks/``). The loop only ever sees :class:`Example` records and
 calls :meth:`Task.is_correct` on untrusted model text.
 
-Tasks register themselves with :func:`register`; ``irpo.tasks.build_task``
-looks the configured name up, so adding a benchmark means adding one file.
+A task is a backend of the ``dataset`` group: irpo.config declares its name, its
+schema and its builder in :data:`irpo.config.TASKS`, and ``irpo.tasks.build_task``
+looks the configured name up there.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Protocol
+from typing import Protocol
 
 SPLITS = ("pretrain", "train", "valid", "test")
 
@@ -45,30 +46,3 @@ class Task(Protocol):
         and any internal failure counts as incorrect.
         """
         ...
-
-
-TaskBuilder = Callable[[Any], Task]
-_REGISTRY: dict[str, TaskBuilder] = {}
-
-
-def register(name: str) -> Callable[[TaskBuilder], TaskBuilder]:
-    def deco(builder: TaskBuilder) -> TaskBuilder:
-        _REGISTRY[name] = builder
-        return builder
-
-    return deco
-
-
-def registered() -> list[str]:
-    return sorted(_REGISTRY)
-
-
-def build_task(cfg: Any) -> Task:
-    """Build the task named ``cfg.name`` from its dataset config."""
-    try:
-        builder = _REGISTRY[cfg.name]
-    except KeyError:
-        raise ValueError(
-            f"dataset.name={cfg.name!r} is not a known task; known: {', '.join(registered())}"
-        ) from None
-    return builder(cfg)

@@ -22,7 +22,7 @@ import re
 from fractions import Fraction
 from typing import Any
 
-from irpo.tasks.base import Example, register
+from irpo.tasks.base import Example
 from irpo.tasks.common import (
     HubTask,
     Source,
@@ -170,6 +170,6 @@ class GSM8K(HubTask):
         return value is not None and gold is not None and value == gold
 
 
-@register("gsm8k")
+# dataset.name=gsm8k: the builder irpo.config.TASKS names.
 def build(cfg: Any) -> GSM8K:
     return GSM8K(cfg)

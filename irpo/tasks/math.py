@@ -37,7 +37,7 @@ from functools import lru_cache
 from typing import Any
 
 from irpo.tasks.answer_text import box_spans, locate, several_values, tidy
-from irpo.tasks.base import Example, register
+from irpo.tasks.base import Example
 from irpo.tasks.common import DataError, HubTask, Source, load_records, render
 from irpo.tasks.timeout import CheckError, CheckTimeout, lazy_pool
 
@@ -370,11 +370,11 @@ class Math500Task(MathTask):
     test_source = MATH500
 
 
-@register("math")
+# dataset.name=math: the builder irpo.config.TASKS names.
 def build(cfg: Any) -> MathTask:
     return MathTask(cfg)
 
 
-@register("math500")
+# dataset.name=math500: the builder irpo.config.TASKS names.
 def build_500(cfg: Any) -> Math500Task:
     return Math500Task(cfg)
