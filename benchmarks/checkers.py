@@ -17,7 +17,7 @@ Writes ``benchmarks/results/checkers.json`` (every number) and ``checkers.md`` (
 * throughput (checks/s, one thread; MATH also with 2 threads) and the slowest single check,
   adversarial inputs included.
 
-Data: ``--data-dir``, else ``$IRPO_DATA_DIR``, else ``../shared/data`` next to the repository.
+Data: ``--data-dir``, else ``$IRPO_DATA_DIR`` (the product's data root: one folder per task).
 """
 
 from __future__ import annotations
@@ -266,11 +266,14 @@ def markdown(r: dict) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--data-dir", default=os.environ.get("IRPO_DATA_DIR", str(REPO.parent / "shared" / "data")))
+    p.add_argument("--data-dir", default=os.environ.get("IRPO_DATA_DIR"),
+                   help="data root with one folder per task (default: $IRPO_DATA_DIR)")
     p.add_argument("--pairs", type=int, default=20000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "checkers"))
     args = p.parse_args()
+    if not args.data_dir:
+        p.error("--data-dir: give the data root (one folder per task), or set IRPO_DATA_DIR")
     result = run(args.data_dir, args.pairs, args.seed)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out + ".json").write_text(json.dumps(result, indent=1) + "\n")
