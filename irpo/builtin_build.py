@@ -1,26 +1,29 @@
 """The reproducible build of the built-in model M0, and its record (checksum, accuracy).
 
 irpo.builtin_model decides *whether* M0 must be built; this module builds it so that
-the same config gives the same weights, bit for bit, at any thread count:
+the same config gives the same weights, bit for bit, on any x86-64 CPU with AVX2 (Intel
+or AMD) and whatever the caller's thread count:
 
 * The build runs in a child process (``python -m irpo.builtin_build SPEC``, started by
   irpo.builtin_model) whose environment (irpo.builtin_record.REPRODUCIBLE_ENV) pins the
-  numeric code paths; the libraries read these switches only
-  when they load, so the caller, which has imported torch already, cannot set them:
-  ``MKL_CBWR=AVX2,STRICT`` (oneMKL's strict reproducibility mode: its GEMMs give the
-  same bits whatever the number of threads, and the same bits on every Intel CPU with
-  AVX2), ``ATEN_CPU_CAPABILITY=avx2`` (PyTorch's own vectorised kernels take their AVX2
-  versions on AVX-512 machines too, so the width of their reductions does not depend
-  on the CPU) and ``ONEDNN_MAX_CPU_ISA=AVX2`` for any oneDNN kernel. Measured on this
-  project's machine: without the first switch, 12 pre-training steps at 1 and 2
-  threads already give different weights (tests/test_builtin_model.py).
+  numeric code paths; the libraries read these switches only when they load, so the
+  caller, which has imported torch already, cannot set them:
+  ``MKL_CBWR=COMPATIBLE`` (oneMKL's conditional-numerical-reproducibility branch that
+  oneMKL documents as giving the same results on Intel and Intel-compatible CPUs; its
+  per-ISA branches such as ``AVX2`` are Intel-only, and on an AMD CPU oneMKL falls back
+  to its own dispatch), ``ATEN_CPU_CAPABILITY=avx2`` (PyTorch's own vectorised kernels
+  take their AVX2 versions on AVX-512 machines too, so the width of their reductions does
+  not depend on the CPU), ``ONEDNN_MAX_CPU_ISA=AVX2`` for any oneDNN kernel, and a fixed
+  thread count (:data:`irpo.builtin_record.BUILD_THREADS`), because both oneMKL's
+  COMPATIBLE branch and ATen's parallel kernels split work by the number of threads.
 * Nothing else depends on the machine: one process, no data-loader workers, every
   random draw from generators seeded by ``model.pretrain_seed``.
 
-Not guaranteed: on a non-Intel CPU oneMKL ignores the AVX2 branch and picks its own
-kernels, and another torch or oneMKL version may round differently. The checksum then
-differs, and M0's accuracy may too: rebuilt with oneMKL's default kernels (other
-rounding) the default M0 scored 49.9% instead of 52.3% (README, "The built-in model M0").
+Measured on this project's machine (tests/test_builtin_model.py): oneMKL dispatched to
+other instruction sets (``MKL_ENABLE_INSTRUCTIONS``, standing in for another CPU) gives
+other weights after 12 steps with its default kernels and the same weights with these
+switches. Not covered: a CPU without AVX2, and another torch or oneMKL version, which
+may round differently; the checksum then differs, and the run prints it.
 
 The build writes ``irpo_builtin.json`` (irpo.builtin_record) beside the weights: the build key, the sha256
 of the weight tensors (:func:`weights_checksum`) and M0's greedy accuracy on the first
@@ -40,7 +43,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from irpo.builtin_record import RECORD, REPRODUCIBLE_ENV, describe, weights_checksum
+from irpo.builtin_record import BUILD_THREADS, RECORD, REPRODUCIBLE_ENV, describe, weights_checksum
 
 EVAL_MAX_NEW_TOKENS = 96  # conf/dataset/arith.yaml's max_new_tokens
 EVAL_BATCH_SIZE = 64  # conf/sampler/hf.yaml's batch_size: the same batches, the same greedy text
@@ -55,6 +58,7 @@ def build_here(model_cfg: Any, data_cfg: Any, out: Path) -> dict[str, Any]:
     from irpo.builtin_model import build_key, build_model, build_tokenizer, pretrain
     from irpo.tasks.arith import ArithTask
 
+    torch.set_num_threads(BUILD_THREADS)  # OMP_NUM_THREADS says so too; this survives any caller
     start = time.perf_counter()
     log.info("building the built-in model in %s (%d threads; %s)", out, torch.get_num_threads(),
              ", ".join(f"{k}={os.environ.get(k)}" for k in REPRODUCIBLE_ENV))
@@ -95,8 +99,8 @@ def measure_accuracy(model_dir: Path, data_cfg: Any, size: int) -> float | None:
         return None
     import dataclasses
 
-    from irpo.config import HFSamplerConfig
     from irpo.evaluate import evaluate
+    from irpo.config import HFSamplerConfig
     from irpo.sampling.hf import HFSampler
     from irpo.tasks.arith import ArithTask
 

@@ -15,7 +15,8 @@ changed setting builds a new model and an unchanged one is reused. It is built
 in a temporary directory and renamed into place under a file lock: concurrent
 runs (a sweep) build it once, and an interrupted build leaves nothing behind.
 irpo.builtin_build does the building, in a child process whose numeric libraries
-are pinned so that the weights are the same bits at any thread count, and records
+are pinned so that the weights are the same bits on any x86-64 CPU with AVX2 and at
+any thread count of the caller, and records
 beside them their sha256 and M0's test accuracy; a cached model whose weights no
 longer match that checksum is built again, and the run logs both when it loads M0.
 
@@ -49,7 +50,9 @@ from irpo.modeling import encode_prompt, encode_response
 log = logging.getLogger(__name__)
 
 # Bump when a code change alters what gets built, so stale caches are not reused.
-BUILD_VERSION = 2  # 2: built in irpo.builtin_build's reproducible mode, with a checksum record
+# 2: built in irpo.builtin_build's reproducible mode, with a checksum record;
+# 3: oneMKL's COMPATIBLE branch at a fixed thread count (the same bits on Intel and AMD).
+BUILD_VERSION = 3
 BOS, EOS, PAD = "<s>", "</s>", "<pad>"
 # What the built model depends on. A whitelist, so that fields about how it is
 # loaded or later trained (dtype, the iterations' lr) never trigger a rebuild.

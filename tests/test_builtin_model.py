@@ -1,13 +1,17 @@
-"""The built-in model's reproducible build: the same bits at any thread count, the
-record beside the weights (checksum, accuracy), and a corrupted cache built again."""
+"""The built-in model's reproducible build: the same bits whatever the caller's thread
+count and whichever instruction set oneMKL would pick, the record beside the weights
+(checksum, accuracy), and a corrupted cache built again."""
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import logging
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,11 +20,11 @@ from safetensors.torch import load_file
 
 from irpo.builtin_build import measure_accuracy
 from irpo.builtin_model import ensure_builtin_model, pretrain_data_config
-from irpo.builtin_record import RECORD, read_record, verify, weights_checksum
+from irpo.builtin_record import BUILD_THREADS, RECORD, REPRODUCIBLE_ENV, read_record, verify, weights_checksum
 from irpo.config import ArithConfig, ModelConfig
 
 # A reduced build: the default width (so that its GEMMs are big enough for oneMKL to
-# split them over threads, which is what changes the bits without strict CNR mode),
+# split them over threads and pick blocked kernels, which is what changes the bits),
 # two layers, a few steps.
 SMALL = ModelConfig(
     name="tiny", builtin="tiny", hidden_size=128, num_heads=4, num_layers=2, intermediate_size=512,
@@ -28,30 +32,59 @@ SMALL = ModelConfig(
     pretrain_eval_size=8, pretrain_lr=3e-3, pretrain_seed=0,
 )
 DATA = ArithConfig(pretrain_size=400, train_size=8, valid_size=8, test_size=8)
+# The caller's environment of each build: its thread count, and the instruction set oneMKL
+# may use (MKL_ENABLE_INSTRUCTIONS), which stands in for a CPU that oneMKL would dispatch
+# to other kernels (an older Intel CPU, or an AMD one).
+CALLERS = {
+    "1 thread": {"OMP_NUM_THREADS": "1"},
+    "3 threads": {"OMP_NUM_THREADS": "3"},
+    "SSE4.2 only": {"OMP_NUM_THREADS": "2", "MKL_ENABLE_INSTRUCTIONS": "SSE4_2"},
+}
 
 
 @pytest.fixture(scope="module")
-def builds(tmp_path_factory) -> dict[int, Path]:
-    """The same config built at 1 and at 2 threads, each in its own cache."""
-    paths, before = {}, os.environ.get("OMP_NUM_THREADS")
-    try:
-        for threads in (1, 2):
-            os.environ["OMP_NUM_THREADS"] = str(threads)  # read by the build's child process
-            paths[threads] = ensure_builtin_model(SMALL, DATA, tmp_path_factory.mktemp(f"t{threads}"))
-    finally:
-        os.environ.pop("OMP_NUM_THREADS") if before is None else os.environ.update(OMP_NUM_THREADS=before)
+def builds(tmp_path_factory) -> dict[str, Path]:
+    """The same config built from each caller environment, each in its own cache."""
+    paths = {}
+    for label, env in CALLERS.items():
+        with pytest.MonkeyPatch.context() as mp:
+            for key, value in env.items():
+                mp.setenv(key, value)  # read by the build's child process
+            paths[label] = ensure_builtin_model(SMALL, DATA, tmp_path_factory.mktemp("cache"))
+    paths[1] = paths["1 thread"]  # the build the other tests use
     return paths
 
 
-def test_same_bits_at_1_and_2_threads(builds):
-    one, two = read_record(builds[1]), read_record(builds[2])
-    assert (one["threads"], two["threads"]) == (1, 2)  # each build really ran at its count
-    a, b = load_file(builds[1] / "model.safetensors"), load_file(builds[2] / "model.safetensors")
-    assert sorted(a) == sorted(b) and len(a) > 10
-    assert [k for k in a if not torch.equal(a[k], b[k])] == []
-    assert one["final_loss"] == two["final_loss"] < 5.0  # it trained (ln 320 = 5.8)
-    assert (builds[1] / "tokenizer.json").read_bytes() == (builds[2] / "tokenizer.json").read_bytes()
-    assert one["sha256"] == two["sha256"]
+def test_same_bits_whatever_the_caller_threads_and_isa(builds):
+    records = {label: read_record(builds[label]) for label in CALLERS}
+    assert {r["threads"] for r in records.values()} == {BUILD_THREADS}  # the build pins its own
+    first = load_file(builds["1 thread"] / "model.safetensors")
+    assert len(first) > 10
+    for label in CALLERS:
+        other = load_file(builds[label] / "model.safetensors")
+        assert sorted(other) == sorted(first)
+        assert [k for k in first if not torch.equal(first[k], other[k])] == [], label
+        assert records[label]["sha256"] == records["1 thread"]["sha256"], label
+        assert (builds[label] / "tokenizer.json").read_bytes() == (builds["1 thread"] / "tokenizer.json").read_bytes()
+    assert records["1 thread"]["final_loss"] < 5.0  # it trained (ln 320 = 5.8)
+
+
+def _unpinned_build(out: Path, **env: str) -> str:
+    """SMALL built with oneMKL's default kernels (no MKL_CBWR); its weights' sha256."""
+    spec = json.dumps({"model": dataclasses.asdict(SMALL), "data": dataclasses.asdict(DATA), "out": str(out)})
+    child_env = {**os.environ, **REPRODUCIBLE_ENV, **env}
+    child_env.pop("MKL_CBWR")
+    subprocess.run([sys.executable, "-m", "irpo.builtin_build", spec], env=child_env, check=True,
+                   capture_output=True)
+    return read_record(out)["sha256"]
+
+
+def test_the_isa_switch_really_changes_default_kernels(tmp_path):
+    """The control for the test above: without MKL_CBWR=COMPATIBLE, the same two
+    instruction-set settings give other weights, so the equality above is the pinning's."""
+    default = _unpinned_build(tmp_path / "default")
+    sse = _unpinned_build(tmp_path / "sse", MKL_ENABLE_INSTRUCTIONS="SSE4_2")
+    assert default != sse
 
 
 def test_checksum_follows_its_documented_definition(builds):
