@@ -26,16 +26,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from irpo.builtin_model import build_model, build_tokenizer, pretrain_data_config
-from irpo.config import (
-    ArithConfig,
-    Config,
-    MethodConfig,
-    ModelConfig,
-    SamplerConfig,
-    TorchTrainerConfig,
-)
+from irpo.config import Config, MethodConfig, ModelConfig, SamplerConfig
 from irpo.modeling import encode_prompt, encode_response
-from irpo.tasks.arith import ArithTask
+from irpo.tasks.arith import ArithConfig, ArithTask
+from irpo.training.torch_trainer import TorchTrainerConfig
 
 # About 10M parameters: 10 layers x (4*256^2 attention + 3*256*1024 MLP) + 474x256 tied
 # embedding. head_dim = 256 / 8 = 32, as the issue asks (and vLLM needs).

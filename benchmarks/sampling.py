@@ -77,8 +77,7 @@ def models(cache: Path) -> dict[str, Path]:
 
 
 def prompts(count: int) -> list[str]:
-    from irpo.config import ArithConfig
-    from irpo.tasks.arith import build_arith
+    from irpo.tasks.arith import ArithConfig, build_arith
 
     data = ArithConfig(train_size=0, valid_size=0, test_size=count)
     return [e.prompt for e in build_arith(data).load_split("test")]
@@ -94,9 +93,8 @@ def start_samplers(path: Path, dtype: str) -> tuple[dict, dict]:
     """{"hf": sampler, "vllm": sampler} and their start-up times."""
     import torch
 
-    from irpo.config import HFSamplerConfig, VLLMSamplerConfig
-    from irpo.sampling.hf import HFSampler
-    from irpo.sampling.vllm import VLLMSampler
+    from irpo.sampling.hf import HFSampler, HFSamplerConfig
+    from irpo.sampling.vllm import VLLMSampler, VLLMSamplerConfig
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     warm = prompts(4)
@@ -183,8 +181,7 @@ def logprob_check(samplers: dict, n: int, count: int, repeats: int) -> dict:
 
 def engine_process_startup(path: Path, dtype: str) -> float:
     """vLLM's default layout (engine core and worker in their own processes), for comparison."""
-    from irpo.config import VLLMSamplerConfig
-    from irpo.sampling.vllm import VLLMSampler
+    from irpo.sampling.vllm import VLLMSampler, VLLMSamplerConfig
 
     sampler, wall = timed(lambda: VLLMSampler(str(path), VLLMSamplerConfig(
         name="vllm", enforce_eager=True, in_process=False), dtype))

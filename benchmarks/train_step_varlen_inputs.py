@@ -42,9 +42,8 @@ def _default_config():
 def sample_pairs(num_pairs: int, seed: int = 0) -> tuple[list[dict], dict]:
     """Pairs of the default run's first iteration (M0's samples), in batches of 64 prompts."""
     from irpo.builtin_model import ensure_builtin_model
-    from irpo.config import HFSamplerConfig
     from irpo.pairs import build_examples
-    from irpo.sampling.hf import HFSampler
+    from irpo.sampling.hf import HFSampler, HFSamplerConfig
     from irpo.tasks.arith import build_arith
 
     cfg = _default_config()
@@ -93,8 +92,7 @@ def build_varlen_inputs(workdir: Path, num_pairs: int) -> dict:
     pairs, info = sample_pairs(num_pairs)
     if len(pairs) < num_pairs:
         raise SystemExit(f"only {len(pairs)} pairs from the whole train split; asked for {num_pairs}")
-    from irpo.config import HFSamplerConfig
-    from irpo.sampling.hf import HFSampler
+    from irpo.sampling.hf import HFSampler, HFSamplerConfig
 
     scorer = HFSampler(str(inputs.model_dir), HFSamplerConfig(name="hf", batch_size=32, device="cpu"))
     prompts = [p["prompt"] for p in pairs]

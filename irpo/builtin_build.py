@@ -100,8 +100,7 @@ def measure_accuracy(model_dir: Path, data_cfg: Any, size: int) -> float | None:
     import dataclasses
 
     from irpo.evaluate import evaluate
-    from irpo.config import HFSamplerConfig
-    from irpo.sampling.hf import HFSampler
+    from irpo.sampling.hf import HFSampler, HFSamplerConfig
     from irpo.tasks.arith import ArithTask
 
     task = ArithTask(dataclasses.replace(data_cfg, test_size=size))
@@ -143,7 +142,8 @@ def main(argv: list[str] | None = None) -> None:
     spec = json.loads(parser.parse_args(argv).spec)
     _exit_with_parent()
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
-    from irpo.config import ArithConfig, ModelConfig
+    from irpo.config import ModelConfig
+    from irpo.tasks.arith import ArithConfig
 
     build_here(ModelConfig(**spec["model"]), ArithConfig(**spec["data"]), Path(spec["out"]))
 

@@ -44,8 +44,9 @@ from filelock import FileLock
 from tqdm.auto import tqdm
 
 from irpo.builtin_record import REPRODUCIBLE_ENV, describe, read_record, verify
-from irpo.config import ArithConfig, ModelConfig
+from irpo.config import ModelConfig
 from irpo.modeling import encode_prompt, encode_response
+from irpo.tasks.arith import ArithConfig
 
 log = logging.getLogger(__name__)
 

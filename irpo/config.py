@@ -1,7 +1,9 @@
 """Typed configuration: dataclass schemas registered in Hydra's ConfigStore.
 
-The schemas here are the one place a default is written: they hold every field's type
-and default, and a YAML option under ``conf/`` holds only what it changes relative to
+The schemas are the one place a default is written: the base schemas and the root here,
+each backend's own (a task, sampler or trainer) in its module beside the code it configures,
+registered in :data:`TASKS`, :data:`SAMPLERS` or :data:`TRAINERS`. They hold every field's
+type and default, and a YAML option under ``conf/`` holds only what it changes relative to
 its schema, plus interpolations that wire a field to another group
 (``trainer.lr: ${model.lr}``; a trainer config built in Python has no model group to
 follow, so its schema keeps a constant). tests/test_config_defaults.py fails on a YAML
@@ -17,6 +19,7 @@ wrong type fails at composition, before anything runs or is queued on a cluster.
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,19 +30,23 @@ from irpo.registry import Backend, Registry
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
-# The backends each config group selects (irpo.registry): a backend's schema is declared
-# here with its name and its builder, and these registries fill both the ConfigStore's
-# ``schema/<group>`` and the lookup that builds the configured backend.
-TASKS: Registry[Backend] = Registry("task", "dataset.name")
-SAMPLERS: Registry[Backend] = Registry("sampler", "sampler.name")
-TRAINERS: Registry[Backend] = Registry("trainer backend", "trainer.name")
+# The backends each config group selects (irpo.registry). A backend declares its schema (a
+# subclass of the group's base schema below), its name and its builder in its own module of
+# the package named here, which the registry finds at its first lookup; these registries
+# fill both the ConfigStore's ``schema/<group>`` and the lookup that builds the backend.
+TASKS: Registry[Backend] = Registry("task", "dataset.name", package="irpo.tasks")
+SAMPLERS: Registry[Backend] = Registry("sampler", "sampler.name", package="irpo.sampling")
+TRAINERS: Registry[Backend] = Registry("trainer backend", "trainer.name", package="irpo.training")
 
 # --------------------------------------------------------------------- dataset
 
 
 @dataclass
 class DatasetConfig:
-    """Fields every task shares. Sizes of None mean the whole split."""
+    """Fields every task shares. Sizes of None mean the whole split.
+
+    Each task's schema subclasses it in the task's module: ``ArithConfig`` in
+    irpo/tasks/arith.py, ``HubTaskConfig`` (the real benchmarks) in irpo/tasks/common.py."""
 
     name: str = MISSING
     data_dir: str | None = None  # local copy; None -> task default / env var / hub
@@ -59,57 +66,6 @@ class DatasetConfig:
     # trainer.checkpoints reads it: checkpoints per iteration, evenly spaced; with more than
     # one, the best on the valid split (held-out training prompts) is kept (the paper's way).
     checkpoints: int = 1
-
-
-@TASKS.backend("arith", builder="irpo.tasks.arith:build_arith")
-@dataclass
-class ArithConfig(DatasetConfig):
-    """The embedded synthetic multi-step arithmetic task (irpo/tasks/arith.py).
-
-    These defaults are ``dataset=arith`` (conf/dataset/arith.yaml changes none of them), and
-    M0 for every other task is pre-trained on ``ArithConfig()``'s pretrain split: one source.
-    The sizes and difficulty are tuned so that the tiny model pre-trains in minutes on two
-    CPU cores and leaves clear headroom; the pretrain split depends only on data_seed,
-    pretrain_size and the difficulty fields, so other sizes reuse the cached M0.
-    """
-
-    name: str = "arith"
-    data_seed: int = 1234
-    pretrain_size: int = 20000
-    train_size: int | None = 1024
-    valid_size: int | None = 128
-    test_size: int | None = 1000  # s.e. of an accuracy near 50%: 1.6 points
-    min_ops: int = 2
-    max_ops: int = 5
-    max_operand: int = 9  # operands 1..max_operand; factors and divisors 2..5
-    max_value: int = 99  # every intermediate result stays in [0, max_value]
-    add_gold_to_winners: bool = True  # as the paper does on GSM8K (conf/dataset/arith.yaml)
-    max_new_tokens: int = 96  # the longest gold CoT is ~70 tokens
-    samples_per_prompt: int = 4
-    pairs_per_prompt: int = 2
-    temperature: list[float] = field(default_factory=lambda: [1.0])
-    maj_k: int = 4  # maj@4: evaluation stays cheaper than sampling
-    # A stronger NLL term than the paper's alpha=1 (conf/dataset/arith.yaml says why).
-    alpha: float = 4.0
-
-
-@dataclass
-class HubTaskConfig(DatasetConfig):
-    """A real benchmark read from a local copy or the Hugging Face hub."""
-
-    hub_name: str | None = None
-    hub_config: str | None = None
-    num_shots: int = 0
-    # The paper's checkpoint selection: 4 evenly spaced checkpoints per iteration, the best
-    # on the valid split (held-out training prompts) kept.
-    checkpoints: int = 4
-
-
-for _name, _builder in {"gsm8k": "irpo.tasks.gsm8k:build", "math": "irpo.tasks.math:build",
-                        "math500": "irpo.tasks.math:build_500",
-                        "arc_challenge": "irpo.tasks.arc:build"}.items():
-    TASKS.register(_name, Backend(HubTaskConfig, _builder, schema_name="hub"))
-del _name, _builder
 
 
 # ----------------------------------------------------------------------- method
@@ -168,7 +124,8 @@ class ModelConfig:
 
 @dataclass
 class SamplerConfig:
-    """Fields every sampler shares; ``sampler=<name>`` picks a subclass below."""
+    """Fields every sampler shares; ``sampler=<name>`` picks the subclass declared in that
+    backend's module (``HFSamplerConfig`` in irpo/sampling/hf.py)."""
 
     name: str = MISSING
     batch_size: int = 64  # prompts per generate call (each expanded to N samples)
@@ -178,46 +135,15 @@ class SamplerConfig:
     chunk_size: int = 1024
 
 
-@SAMPLERS.backend("hf", builder="irpo.sampling.hf:HFSampler")
-@dataclass
-class HFSamplerConfig(SamplerConfig):
-    """transformers ``generate`` in the driver (irpo/sampling/hf.py)."""
-
-    device: str = "auto"  # auto: the GPU if there is one, else the CPU; or cpu, cuda, cuda:1
-    # Generation.logprob (the model's own log-prob of each sample) and score() for gold CoT
-    # winners: the next stage's DPO reference without a reference pass (irpo/training/reference.py).
-    return_logprobs: bool = True
-
-
-@SAMPLERS.backend("vllm", builder="irpo.sampling.vllm:VLLMSampler")
-@dataclass
-class VLLMSamplerConfig(SamplerConfig):
-    """vLLM's offline engine (irpo/sampling/vllm.py); batch_size is unused (vLLM batches itself)."""
-
-    tensor_parallel_size: int = 1  # GPUs per engine
-    dtype: str = "auto"  # auto -> model.dtype
-    gpu_memory_utilization: float = 0.9
-    max_model_len: int | None = None  # None -> the model's max_position_embeddings
-    max_num_seqs: int | None = None  # sequences decoded together; None -> vLLM's default
-    enforce_eager: bool | None = None  # None -> True on CPUs, False on GPUs (CUDA graphs)
-    return_logprobs: bool = False  # Generation.logprob: reference log-probs of the next stage
-    cpu_kvcache_gib: int | None = 1  # VLLM_CPU_KVCACHE_SPACE (CPU only); None -> vLLM's default
-    in_process: bool | None = None  # engine in the caller's process; None -> on CPU with tp=1
-    engine_seed: int = 0  # the engine's own seed (requests carry their own seeds)
-    # Engines on this many nodes of the SLURM allocation, each over a shard of the
-    # prompts (1: one engine in the driver). Requests and shards hand off through
-    # shard_dir, on a file system every node sees (None: next to the checkpoint).
-    nodes: int = 1
-    shard_dir: str | None = None
-
-
 # ---------------------------------------------------------------------- trainer
 
 
 @dataclass
 class TrainerConfig:
-    """Fields both trainers share. The options follow ``model.lr`` and ``dataset.checkpoints``;
-    these constants serve trainer configs built in Python, where no such group exists."""
+    """Fields every trainer shares; ``trainer=<name>`` picks the subclass declared in that
+    backend's module (``TorchTrainerConfig`` in irpo/training/torch_trainer.py). The options
+    follow ``model.lr`` and ``dataset.checkpoints``; these constants serve trainer configs
+    built in Python, where no such group exists."""
 
     name: str = MISSING
     lr: float = 7e-7
@@ -243,24 +169,6 @@ class TrainerConfig:
     sampler_ref_logprobs: bool = True
     ref_check_pairs: int = 8  # pairs whose sampler log-probs are recomputed and compared; 0: none
     ref_check_tolerance: float = 1e-2  # max |sampler - recomputed| summed log-prob, else fail
-
-
-@TRAINERS.backend("torch", builder="irpo.training.torch_trainer:train")
-@dataclass
-class TorchTrainerConfig(TrainerConfig):
-    """One process (irpo/training/torch_trainer.py)."""
-
-    device: str = "auto"  # auto: the GPU if there is one, else the CPU; or cpu, cuda, cuda:1
-
-
-@TRAINERS.backend("deepspeed", builder="irpo.training.deepspeed_trainer:train")
-@dataclass
-class DeepSpeedTrainerConfig(TrainerConfig):
-    """ZeRO over ``num_processes`` workers per node (irpo/training/deepspeed_trainer.py)."""
-
-    zero_stage: int = 3  # 2 or 3
-    num_processes: int = 2  # workers per node; a SLURM stage spans every node of the allocation
-    backend: str = "auto"  # nccl on GPUs, gloo on CPUs
 
 
 # ------------------------------------------------------------------------- eval
@@ -338,18 +246,34 @@ class Config:
 # by absolute path, merged into its own package: ``- /schema/dataset/hub@_here_``
 # (methods, ``@package _global_``, use ``- /schema/method/method@method``).
 SCHEMA_GROUP = "schema"
-SCHEMAS: dict[str, dict[str, type]] = {
-    "dataset": TASKS.schemas(),
-    "method": {"method": MethodConfig},
-    "model": {"model": ModelConfig},
-    "sampler": SAMPLERS.schemas(),
-    "trainer": TRAINERS.schemas(),
-    "eval": {"eval": EvalConfig},
-    "tracking": {"tracking": TrackingConfig},
+
+
+_GROUPS: dict[str, Registry[Backend] | type] = {
+    "dataset": TASKS, "method": MethodConfig, "model": ModelConfig, "sampler": SAMPLERS,
+    "trainer": TRAINERS, "eval": EvalConfig, "tracking": TrackingConfig,
 }
 
 
+class _Schemas(Mapping[str, dict[str, type]]):
+    """Group -> {schema name -> schema}. A backend group's schemas are read from its registry
+    when asked, so that importing this module imports no backend (irpo.registry)."""
+
+    def __getitem__(self, group: str) -> dict[str, type]:
+        source = _GROUPS[group]
+        return source.schemas() if isinstance(source, Registry) else {group: source}
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(_GROUPS)
+
+    def __len__(self) -> int:
+        return len(_GROUPS)
+
+
+SCHEMAS: Mapping[str, dict[str, type]] = _Schemas()
+
+
 def register_configs() -> None:
+    """Store the root schema and every group's schemas (backends found now) in the ConfigStore."""
     cs = ConfigStore.instance()
     cs.store(name="config_schema", node=Config)
     for group, schemas in SCHEMAS.items():

@@ -1,4 +1,4 @@
-"""Cross-field rules of the configuration, the ones the schemas in irpo/config.py cannot express.
+"""Cross-field rules of the configuration, the ones the schemas cannot express.
 
 :func:`validate` runs after composition and before anything starts (irpo.main), so a
 config that composes but cannot run fails with one line naming the key.
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 
-from irpo.config import Config, ConfigError, DeepSpeedTrainerConfig
+from irpo.config import Config, ConfigError
 
 # What ``device`` fields accept (irpo.modeling.resolve_device turns them into torch devices).
 _DEVICE = re.compile(r"auto|cpu|cuda(:[0-9]+)?")
@@ -17,6 +17,7 @@ _DEVICE = re.compile(r"auto|cpu|cuda(:[0-9]+)?")
 def validate(cfg: Config) -> None:
     """Cross-field rules the schemas cannot express. Raises ConfigError."""
     from irpo.method import method_checks  # imports torch (the loss registry): not at import
+    from irpo.training.deepspeed_trainer import DeepSpeedTrainerConfig  # torch too
 
     m = cfg.method
     # trainer=deepspeed: every process takes an equal share of each micro-batch.

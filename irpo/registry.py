@@ -4,25 +4,35 @@ A :class:`Registry` maps a name (what ``dataset.name``, ``sampler.name``, ``trai
 or ``method.loss`` holds) to what that name stands for, and answers an unknown name with
 one error line that names the field and lists the known names. Backends that a config
 group selects are :class:`Backend` entries: their schema (the dataclass Hydra's
-ConfigStore holds under ``schema/<group>``) and their builder, written ``"module:attr"``
-and imported only when that backend is used, so that the schemas stay importable without
-torch, vLLM or DeepSpeed, and no module below the backends imports them.
+ConfigStore holds under ``schema/<group>``) and their builder, written ``"module:attr"``.
 
-    SAMPLERS = Registry("sampler", "sampler.name")
+A backend declares its name, schema and builder in its own module, inside the package its
+registry watches (``irpo.sampling`` for samplers)::
 
+    # irpo/sampling/hf.py
     @SAMPLERS.backend("hf", builder="irpo.sampling.hf:HFSampler")
     @dataclass
     class HFSamplerConfig(SamplerConfig): ...
 
     SAMPLERS.load("hf")     # the class HFSampler
     SAMPLERS.schemas()      # {"hf": HFSamplerConfig, ...}: the ConfigStore entries
+
+There is no list of backends to keep: the first lookup (``get``, ``names``, ``schemas``,
+``load``, ``in``, iteration) imports every module of the package whose top level calls
+``<registry>.backend(...)`` or ``<registry>.register(...)`` (:func:`declaring_modules`,
+read from the source, so the package's other modules are not imported). Adding a backend
+is its module and its YAML option.
 """
 
 from __future__ import annotations
 
+import ast
 import importlib
+import importlib.util
+import pkgutil
 from collections.abc import Callable, Iterator, MutableMapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 T = TypeVar("T")
@@ -40,13 +50,59 @@ class Backend:
     schema_name: str | None = None
 
 
-class Registry(MutableMapping[str, T], Generic[T]):
-    """Name -> entry, for one kind of thing a config names in the field ``field``."""
+def _declares(tree: ast.Module) -> bool:
+    """Whether a module's top level calls ``X.backend(...)`` (a class decorator, too) or
+    ``X.register(...)``: the two ways a backend is declared."""
+    calls = []
+    for node in tree.body:
+        if isinstance(node, ast.ClassDef):
+            calls += node.decorator_list
+        elif isinstance(node, ast.Expr):
+            calls.append(node.value)
+    return any(isinstance(c, ast.Call) and isinstance(c.func, ast.Attribute)
+               and c.func.attr in ("backend", "register") for c in calls)
 
-    def __init__(self, kind: str, field: str) -> None:
+
+def declaring_modules(package: str) -> list[str]:
+    """The modules of ``package`` (not its subpackages, not ``_private`` ones, not
+    ``__main__``) whose top level declares a backend, by name, in file-name order."""
+    found = []
+    for info in sorted(pkgutil.iter_modules(importlib.import_module(package).__path__),
+                       key=lambda i: i.name):
+        if info.ispkg or info.name.startswith("_"):
+            continue
+        name = f"{package}.{info.name}"
+        origin = getattr(importlib.util.find_spec(name), "origin", None)
+        if origin and origin.endswith(".py") and _declares(ast.parse(Path(origin).read_text(), origin)):
+            found.append(name)
+    return found
+
+
+class Registry(MutableMapping[str, T], Generic[T]):
+    """Name -> entry, for one kind of thing a config names in the field ``field``.
+
+    With ``package``, the modules of that package that declare entries are imported at the
+    first lookup (:func:`declaring_modules`); without, entries are registered by hand."""
+
+    def __init__(self, kind: str, field: str, package: str | None = None) -> None:
         self.kind = kind
         self.field = field
+        self.package = package
         self._entries: dict[str, T] = {}
+        self._discovered = package is None
+
+    def discover(self) -> None:
+        """Import the package's declaring modules, once; their top level registers."""
+        if self._discovered:
+            return
+        self._discovered = True  # first: a module that looks a name up must not recurse
+        assert self.package is not None
+        for module in declaring_modules(self.package):
+            try:
+                importlib.import_module(module)
+            except Exception as err:
+                self._discovered = False
+                raise ImportError(f"{self.kind} backends: importing {module} failed: {err}") from err
 
     def register(self, name: str, entry: T) -> T:
         if name in self._entries:
@@ -58,7 +114,10 @@ class Registry(MutableMapping[str, T], Generic[T]):
         """Class decorator for a schema: registers ``name`` as a :class:`Backend` of it."""
 
         def deco(schema: type) -> type:
-            self.register(name, Backend(schema, builder, schema_name))  # type: ignore[arg-type]
+            # A backend module run as a script (``python -m irpo.training.deepspeed_trainer``,
+            # a worker) registers when it is imported by its name, not twice.
+            if schema.__module__ != "__main__":
+                self.register(name, Backend(schema, builder, schema_name))  # type: ignore[arg-type]
             return schema
 
         return deco
@@ -67,6 +126,7 @@ class Registry(MutableMapping[str, T], Generic[T]):
         """The entry called ``name``; ValueError naming the field and the known names.
 
         With ``default`` given, a missing name returns it, as ``dict.get`` does."""
+        self.discover()
         try:
             return self._entries[name]
         except KeyError:
@@ -77,6 +137,7 @@ class Registry(MutableMapping[str, T], Generic[T]):
             ) from None
 
     def names(self) -> list[str]:
+        self.discover()
         return sorted(self._entries)
 
     def load(self, name: str) -> Any:
@@ -92,6 +153,7 @@ class Registry(MutableMapping[str, T], Generic[T]):
 
     def schemas(self) -> dict[str, type]:
         """Schema name -> schema of every backend: the ConfigStore's ``schema/<group>``."""
+        self.discover()
         out: dict[str, type] = {}
         for name, entry in self._entries.items():
             assert isinstance(entry, Backend), f"{self.kind} entries are not backends"
@@ -102,6 +164,7 @@ class Registry(MutableMapping[str, T], Generic[T]):
         return out
 
     def __getitem__(self, name: str) -> T:
+        self.discover()
         return self._entries[name]
 
     def __setitem__(self, name: str, entry: T) -> None:
@@ -111,7 +174,9 @@ class Registry(MutableMapping[str, T], Generic[T]):
         del self._entries[name]
 
     def __iter__(self) -> Iterator[str]:
+        self.discover()
         return iter(self._entries)
 
     def __len__(self) -> int:
+        self.discover()
         return len(self._entries)

@@ -9,9 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from irpo.config import ArithConfig
 from irpo.tasks import build_task
-from irpo.tasks.arith import ArithTask, build_arith, extract_answer, is_correct
+from irpo.tasks.arith import ArithConfig, ArithTask, build_arith, extract_answer, is_correct
 from irpo.tasks.base import SPLITS
 
 CFG = ArithConfig(pretrain_size=2000, train_size=64, valid_size=32, test_size=48)

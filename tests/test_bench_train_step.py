@@ -114,8 +114,7 @@ def test_sampler_references_give_the_first_step_loss_of_a_reference_pass(inputs)
     from bench_inputs import read_pairs
     from train_step_worker import first_step_loss
 
-    from irpo.config import HFSamplerConfig
-    from irpo.sampling.hf import HFSampler
+    from irpo.sampling.hf import HFSampler, HFSamplerConfig
 
     pairs = read_pairs(inputs.model_dir.parent / "pairs_varlen.jsonl")
     scorer = HFSampler(str(inputs.model_dir), HFSamplerConfig(name="hf", batch_size=8, device="cpu"))

@@ -21,7 +21,8 @@ from safetensors.torch import load_file
 from irpo.builtin_build import measure_accuracy
 from irpo.builtin_model import ensure_builtin_model, pretrain_data_config
 from irpo.builtin_record import BUILD_THREADS, RECORD, REPRODUCIBLE_ENV, read_record, verify, weights_checksum
-from irpo.config import ArithConfig, ModelConfig
+from irpo.config import ModelConfig
+from irpo.tasks.arith import ArithConfig
 
 # A reduced build: the default width (so that its GEMMs are big enough for oneMKL to
 # split them over threads and pick blocked kernels, which is what changes the bits),

@@ -18,10 +18,10 @@ from test_config import load
 from test_trainer import make_cfg
 
 from irpo import driver
-from irpo.config import ArithConfig, ConfigError
+from irpo.config import ConfigError
 from irpo.rundir import RunDir
 from irpo.sampling import Generation
-from irpo.tasks.arith import ArithTask
+from irpo.tasks.arith import ArithConfig, ArithTask
 from irpo.tracking import NullTracker
 
 

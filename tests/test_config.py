@@ -9,17 +9,11 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ConfigKeyError, ValidationError
 
-from irpo.config import (
-    ArithConfig,
-    Config,
-    ConfigError,
-    HubTaskConfig,
-    register_configs,
-    temperature_at,
-    to_config,
-)
+from irpo.config import Config, ConfigError, register_configs, temperature_at, to_config
 from irpo.config_rules import validate
 from irpo.method import needs_reference, nll_weight
+from irpo.tasks.arith import ArithConfig
+from irpo.tasks.common import HubTaskConfig
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 register_configs()

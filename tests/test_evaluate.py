@@ -11,11 +11,11 @@ import json
 
 import pytest
 
-from irpo.config import ArithConfig, HubTaskConfig
 from irpo.evaluate import evaluate, majority
 from irpo.sampling import Generation
 from irpo.tasks import Example
-from irpo.tasks.arith import ArithTask
+from irpo.tasks.arith import ArithConfig, ArithTask
+from irpo.tasks.common import HubTaskConfig
 from irpo.tasks.math import MathTask
 
 HALF = [r"\frac{1}{2}", "0.5", r"\dfrac12", r"\frac12", "1/2", ".5"]

@@ -19,7 +19,7 @@ from irpo.builtin_model import (
     lr_factor,
 )
 from irpo.builtin_record import weights_checksum
-from irpo.config import ArithConfig, HubTaskConfig, ModelConfig
+from irpo.config import ModelConfig
 from irpo.modeling import (
     encode_prompt,
     encode_response,
@@ -28,6 +28,8 @@ from irpo.modeling import (
     resolve_device,
     resolve_dtype,
 )
+from irpo.tasks.arith import ArithConfig
+from irpo.tasks.common import HubTaskConfig
 
 # Small enough to build in a few seconds; the same values in test_sampling.py
 # hit the same cache directory within a session.

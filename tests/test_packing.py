@@ -7,11 +7,12 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from irpo.config import ArithConfig, Config, MethodConfig, ModelConfig, TorchTrainerConfig
+from irpo.config import Config, MethodConfig, ModelConfig
+from irpo.tasks.arith import ArithConfig
 from irpo.training.data import TokenizedExample
 from irpo.training.logprobs import examples_logprobs
 from irpo.training.packing import pack_examples, packed_logprobs, padding_fraction
-from irpo.training.torch_trainer import micro_loss
+from irpo.training.torch_trainer import TorchTrainerConfig, micro_loss
 
 VOCAB = 97
 

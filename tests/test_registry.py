@@ -11,20 +11,15 @@ from dataclasses import dataclass
 
 import pytest
 
-from irpo.config import (
-    SAMPLERS,
-    SCHEMAS,
-    TASKS,
-    TRAINERS,
-    ArithConfig,
-    HFSamplerConfig,
-    HubTaskConfig,
-    VLLMSamplerConfig,
-)
+from irpo.config import SAMPLERS, SCHEMAS, TASKS, TRAINERS
 from irpo.losses import LOSSES
 from irpo.registry import Backend, Registry
 from irpo.sampling import Scorer, can_score, sampler_class
+from irpo.sampling.hf import HFSamplerConfig
+from irpo.sampling.vllm import VLLMSamplerConfig
 from irpo.tasks import build_task
+from irpo.tasks.arith import ArithConfig
+from irpo.tasks.common import HubTaskConfig
 from irpo.training import get_trainer
 
 

@@ -16,7 +16,6 @@ import pytest
 from conftest import SHARED_DATA
 from omegaconf import OmegaConf
 
-from irpo.config import ArithConfig, HubTaskConfig
 from irpo.report.errors import (
     agreement_table,
     analyse_run,
@@ -26,7 +25,8 @@ from irpo.report.errors import (
     last_number_rule,
     write_spot_check,
 )
-from irpo.tasks.arith import ArithTask
+from irpo.tasks.arith import ArithConfig, ArithTask
+from irpo.tasks.common import HubTaskConfig
 
 
 def test_hand_written_rules():

@@ -9,17 +9,16 @@ The end-to-end kill -9 of a real run is in test_faults.py.
 from __future__ import annotations
 
 import contextlib
-
 import json
 
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_trainer import make_cfg, tiny_ckpt  # noqa: F401 - the fixture is used by name
 
 from irpo.record import StepLog, step_records
 from irpo.training.resume import STATE_FILE, StepSaver, load_state
 from irpo.training.torch_trainer import train
-from test_trainer import make_cfg, tiny_ckpt  # noqa: F401 - the fixture is used by name
 
 
 class Stop(Exception):
@@ -246,7 +245,8 @@ def test_a_chunk_failed_by_the_signal_hands_over_rather_than_fails(tmp_path):
 
 def test_multi_node_stages_are_one_call_that_each_node_chunks():
     from irpo.chunks import stage_chunk_size
-    from irpo.config import HFSamplerConfig, VLLMSamplerConfig
+    from irpo.sampling.hf import HFSamplerConfig
+    from irpo.sampling.vllm import VLLMSamplerConfig
 
     assert stage_chunk_size(HFSamplerConfig(name="hf", chunk_size=7), 100) == 7
     assert stage_chunk_size(VLLMSamplerConfig(name="vllm", chunk_size=7), 100) == 7

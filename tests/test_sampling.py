@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from irpo.builtin_model import build_model, build_tokenizer
-from irpo.config import ArithConfig, HFSamplerConfig, ModelConfig, SamplerConfig
+from irpo.config import ModelConfig, SamplerConfig
 from irpo.modeling import encode_prompt, encode_response, load_model
 from irpo.sampling import Generation, build_sampler
-from irpo.sampling.hf import HFSampler
-from irpo.tasks.arith import build_arith
+from irpo.sampling.hf import HFSampler, HFSamplerConfig
+from irpo.tasks.arith import ArithConfig, build_arith
 
 TINY = ModelConfig(
     name="tiny", builtin="tiny", hidden_size=64, num_heads=2, num_layers=2, intermediate_size=128,

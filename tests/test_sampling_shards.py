@@ -11,7 +11,6 @@ import json
 
 import pytest
 
-from irpo.config import VLLMSamplerConfig
 from irpo.launch import Allocation
 from irpo.sampling import Generation
 from irpo.sampling.shards import (
@@ -22,7 +21,7 @@ from irpo.sampling.shards import (
     shard_root,
     write_request,
 )
-from irpo.sampling.vllm import request_seed
+from irpo.sampling.vllm import VLLMSamplerConfig, request_seed
 
 CFG = VLLMSamplerConfig(name="vllm", enforce_eager=True, return_logprobs=True, cpu_kvcache_gib=1)
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from conftest import run_main
 
-from irpo.config import SamplerConfig, VLLMSamplerConfig, register_configs, to_config
+from irpo.config import SamplerConfig, register_configs, to_config
 from irpo.launch import Allocation
 from irpo.sampling import build_sampler
 from irpo.sampling.shards import (
@@ -27,6 +27,7 @@ from irpo.sampling.shards import (
     run_shard,
     write_request,
 )
+from irpo.sampling.vllm import VLLMSamplerConfig
 
 CFG = VLLMSamplerConfig(name="vllm", enforce_eager=True, return_logprobs=True, cpu_kvcache_gib=1)
 # Measured on M0 (fp32, CPU): max |vLLM - transformers| of a sequence log-prob was ~1e-5.

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from irpo.builtin_model import build_model, build_tokenizer
-from irpo.config import ArithConfig, ModelConfig
-from irpo.tasks.arith import ArithTask
+from irpo.config import ModelConfig
+from irpo.tasks.arith import ArithConfig, ArithTask
 from irpo.training.data import pair_batch, tokenize_examples
 from irpo.training.logprobs import batch_logprobs
 from irpo.training.shared_prefix import pair_logprobs, shared_prefix_batch

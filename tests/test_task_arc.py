@@ -92,8 +92,8 @@ def test_final_answer_b_matches_the_answer_is_b():
 def test_hub_rows_in_the_allenai_layout(monkeypatch):
     import sys
 
-    from irpo.config import HubTaskConfig
     from irpo.tasks import build_task
+    from irpo.tasks.common import HubTaskConfig
 
     row = {"id": "x1", "question": "Which is a metal?", "answerKey": "3",
            "choices": {"text": ["wood", "glass", "iron"], "label": ["1", "2", "3"]}}

@@ -9,10 +9,9 @@ import pytest
 from conftest_tasks import DATA, cached_task, make_task, needs_data
 from omegaconf import OmegaConf
 
-from irpo.config import HubTaskConfig
 from irpo.tasks import build_task
 from irpo.tasks.__main__ import dataset_config
-from irpo.tasks.common import DataNotFoundError, read_jsonl
+from irpo.tasks.common import DataNotFoundError, HubTaskConfig, read_jsonl
 from irpo.tasks.gsm8k import GSM8K, canonical, gold_cot, parse_number
 
 pytestmark = needs_data

@@ -203,8 +203,8 @@ def test_checks_work_from_threads_and_stay_bounded():
 def test_hub_reads_all_seven_subject_configs(monkeypatch):
     import sys
 
-    from irpo.config import HubTaskConfig
     from irpo.tasks import build_task
+    from irpo.tasks.common import HubTaskConfig
 
     row = {"problem": "What is $1+1$?", "solution": "It is $\\boxed{2}$.", "level": "Level 1",
            "type": "Algebra"}

@@ -10,20 +10,13 @@ import pytest
 import torch
 
 from irpo.builtin_model import build_model, build_tokenizer
-from irpo.config import (
-    ArithConfig,
-    Config,
-    MethodConfig,
-    ModelConfig,
-    SamplerConfig,
-    TorchTrainerConfig,
-    TrainerConfig,
-)
+from irpo.config import Config, MethodConfig, ModelConfig, SamplerConfig, TrainerConfig
 from irpo.losses import LOSSES
 from irpo.modeling import load_model
-from irpo.tasks.arith import ArithTask
+from irpo.tasks.arith import ArithConfig, ArithTask
 from irpo.training.hooks import StageHooks
 from irpo.training.torch_trainer import (
+    TorchTrainerConfig,
     batch_order,
     checkpoint_steps,
     make_optimizer,

@@ -31,13 +31,19 @@ from test_reference import recomputed_refs, with_refs
 from test_trainer import make_cfg, tiny_ckpt  # noqa: F401  (tiny_ckpt: a fixture)
 
 from irpo import node_tasks
-from irpo.config import ConfigError, DeepSpeedTrainerConfig, SamplerConfig
+from irpo.config import ConfigError, SamplerConfig
 from irpo.launch import Allocation
 from irpo.modeling import load_model
 from irpo.sampling.hf import HFSampler
 from irpo.training import deepspeed_trainer, torch_trainer
 from irpo.training.data import pair_batch, tokenize_examples
-from irpo.training.deepspeed_trainer import MODULE, deepspeed_config, launch_command, world_size
+from irpo.training.deepspeed_trainer import (
+    MODULE,
+    DeepSpeedTrainerConfig,
+    deepspeed_config,
+    launch_command,
+    world_size,
+)
 from irpo.training.logprobs import batch_logprobs
 
 LOSS_TOL = 2e-5

@@ -30,8 +30,8 @@ from conftest import TEST_CACHE
 from test_trainer import make_cfg, tiny_ckpt  # noqa: F401  (tiny_ckpt: a fixture)
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from irpo.config import DeepSpeedTrainerConfig
 from irpo.training import deepspeed_trainer, torch_trainer
+from irpo.training.deepspeed_trainer import DeepSpeedTrainerConfig
 
 ALPHA, BETA, TOL = 0.7, 0.3, 1e-5
 # The trainer's log-prob sums are float32 (|πθ(w)| ≈ 250 here: ~1e-5 apart from float64);

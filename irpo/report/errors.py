@@ -108,8 +108,9 @@ class RunErrors:
 
 def task_of_run(run_dir: Path):
     """The run's task, rebuilt from its resolved config.yaml."""
-    from irpo.config import ArithConfig, HubTaskConfig
     from irpo.tasks import build_task
+    from irpo.tasks.arith import ArithConfig
+    from irpo.tasks.common import HubTaskConfig
 
     raw = OmegaConf.load(run_dir / "config.yaml").dataset
     schema = ArithConfig if raw.name == "arith" else HubTaskConfig

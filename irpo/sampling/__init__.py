@@ -15,7 +15,8 @@ Prompts are the tasks' raw ``Example.prompt`` strings; the backend applies
 and training condition on identical token ids. Backends: ``hf``
 (transformers ``generate``, CPU and tests) and ``vllm`` (irpo/sampling/vllm.py,
 a class ``VLLMSampler`` with the same constructor, imported only when asked for).
-Backends are declared with their schemas in :data:`irpo.config.SAMPLERS`.
+Each backend's module declares its schema, name and builder in :data:`irpo.config.SAMPLERS`,
+which finds the modules that do at its first lookup (irpo.registry).
 
 Scoring given texts is an optional capability: a backend that has it is a :class:`Scorer`
 (``score(prompts, responses)``: the summed log-prob of responses it did not sample, the

@@ -31,12 +31,14 @@ from __future__ import annotations
 
 import gc
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 from transformers import LogitsProcessor
 
+from irpo.config import SAMPLERS, SamplerConfig
 from irpo.modeling import (
     context_length,
     encode_prompt,
@@ -48,6 +50,17 @@ from irpo.modeling import (
 from irpo.sampling import Generation
 
 log = logging.getLogger(__name__)
+
+
+@SAMPLERS.backend("hf", builder="irpo.sampling.hf:HFSampler")
+@dataclass
+class HFSamplerConfig(SamplerConfig):
+    """``sampler=hf``: transformers ``generate`` in the driver (this module's HFSampler)."""
+
+    device: str = "auto"  # auto: the GPU if there is one, else the CPU; or cpu, cuda, cuda:1
+    # Generation.logprob (the model's own log-prob of each sample) and score() for gold CoT
+    # winners: the next stage's DPO reference without a reference pass (irpo/training/reference.py).
+    return_logprobs: bool = True
 
 
 class HFSampler:

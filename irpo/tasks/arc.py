@@ -20,9 +20,12 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from irpo.config import TASKS
+from irpo.registry import Backend
 from irpo.tasks.base import Example
 from irpo.tasks.common import (
     HubTask,
+    HubTaskConfig,
     Source,
     after_last_final_answer,
     load_records,
@@ -129,6 +132,9 @@ class ARCChallenge(HubTask):
         return letter is not None and letter == gold_answer.strip().strip("()").upper()
 
 
-# dataset.name=arc_challenge: the builder irpo.config.TASKS names.
 def build(cfg: Any) -> ARCChallenge:
     return ARCChallenge(cfg)
+
+
+# dataset=arc_challenge: a hub task (schema/dataset/hub), built by build above.
+TASKS.register("arc_challenge", Backend(HubTaskConfig, "irpo.tasks.arc:build", schema_name="hub"))

@@ -13,8 +13,7 @@ split, then improved on ``train`` and measured on ``test``.
 
 Usage::
 
-    from irpo.config import ArithConfig
-    from irpo.tasks.arith import build_arith
+    from irpo.tasks.arith import ArithConfig, build_arith
     task = build_arith(ArithConfig(train_size=256, valid_size=100, test_size=300))
     task.load_split("test")[0].prompt   # 'Question: ...\\nAnswer:'
 
@@ -32,10 +31,43 @@ from __future__ import annotations
 import hashlib
 import random
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from irpo.config import ArithConfig
+from irpo.config import TASKS, DatasetConfig
 from irpo.tasks.base import SPLITS, Example
+
+
+@TASKS.backend("arith", builder="irpo.tasks.arith:build_arith")
+@dataclass
+class ArithConfig(DatasetConfig):
+    """``dataset=arith``: the schema of this task, declared with its builder.
+
+    These defaults are ``dataset=arith`` (conf/dataset/arith.yaml changes none of them), and
+    M0 for every other task is pre-trained on ``ArithConfig()``'s pretrain split: one source.
+    The sizes and difficulty are tuned so that the tiny model pre-trains in minutes on two
+    CPU cores and leaves clear headroom; the pretrain split depends only on data_seed,
+    pretrain_size and the difficulty fields, so other sizes reuse the cached M0.
+    """
+
+    name: str = "arith"
+    data_seed: int = 1234
+    pretrain_size: int = 20000
+    train_size: int | None = 1024
+    valid_size: int | None = 128
+    test_size: int | None = 1000  # s.e. of an accuracy near 50%: 1.6 points
+    min_ops: int = 2
+    max_ops: int = 5
+    max_operand: int = 9  # operands 1..max_operand; factors and divisors 2..5
+    max_value: int = 99  # every intermediate result stays in [0, max_value]
+    add_gold_to_winners: bool = True  # as the paper does on GSM8K (conf/dataset/arith.yaml)
+    max_new_tokens: int = 96  # the longest gold CoT is ~70 tokens
+    samples_per_prompt: int = 4
+    pairs_per_prompt: int = 2
+    temperature: list[float] = field(default_factory=lambda: [1.0])
+    maj_k: int = 4  # maj@4: evaluation stays cheaper than sampling
+    # A stronger NLL term than the paper's alpha=1 (conf/dataset/arith.yaml says why).
+    alpha: float = 4.0
+
 
 PROMPT_TEMPLATE = "Question: {question}\nAnswer:"
 
@@ -171,11 +203,11 @@ class ArithTask:
 
     @staticmethod
     def _check(cfg: ArithConfig) -> None:
-        for field in ("pretrain_size", "train_size", "valid_size", "test_size"):
-            value = getattr(cfg, field)
+        for key in ("pretrain_size", "train_size", "valid_size", "test_size"):
+            value = getattr(cfg, key)
             if value is None or value < 0:
                 raise ValueError(
-                    f"dataset.{field}={value!r}: the arith task generates its data, "
+                    f"dataset.{key}={value!r}: the arith task generates its data, "
                     "so every split needs an explicit size >= 0"
                 )
         if not 1 <= cfg.min_ops <= cfg.max_ops:
@@ -259,6 +291,6 @@ def is_correct(response: str, gold_answer: str) -> bool:
         return False
 
 
-# dataset.name=arith: the builder irpo.config.TASKS names.
+# dataset.name=arith: the builder ArithConfig's registration names.
 def build_arith(cfg: ArithConfig) -> ArithTask:
     return ArithTask(cfg)

@@ -4,9 +4,9 @@ A task owns its data, its prompt and its answer checker (one file per task, as
 in nanochat's ``tasks/``). The loop only ever sees :class:`Example` records and
 calls :meth:`Task.is_correct` on untrusted model text.
 
-A task is a backend of the ``dataset`` group: irpo.config declares its name, its
-schema and its builder in :data:`irpo.config.TASKS`, and ``irpo.tasks.build_task``
-looks the configured name up there.
+A task is a backend of the ``dataset`` group: its module declares its name, its schema
+and its builder in :data:`irpo.config.TASKS` (found there without a list, irpo.registry),
+and ``irpo.tasks.build_task`` looks the configured name up there.
 """
 
 from __future__ import annotations

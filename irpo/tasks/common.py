@@ -41,6 +41,19 @@ DATA_ENV = "IRPO_DATA_DIR"
 SPLITS_OF_HUB_TASKS = ("train", "valid", "test")
 
 
+@dataclass
+class HubTaskConfig(DatasetConfig):
+    """A real benchmark read from a local copy or the Hugging Face hub: the schema every hub
+    task registers (``schema/dataset/hub``; each task's module declares its name and builder)."""
+
+    hub_name: str | None = None
+    hub_config: str | None = None
+    num_shots: int = 0
+    # The paper's checkpoint selection: 4 evenly spaced checkpoints per iteration, the best
+    # on the valid split (held-out training prompts) kept.
+    checkpoints: int = 4
+
+
 class DataError(ConfigError):
     """Data the task cannot use: the message names the file and line (or hub row) and what is wrong.
 

@@ -22,9 +22,12 @@ import re
 from fractions import Fraction
 from typing import Any
 
+from irpo.config import TASKS
+from irpo.registry import Backend
 from irpo.tasks.base import Example
 from irpo.tasks.common import (
     HubTask,
+    HubTaskConfig,
     Source,
     after_last_final_answer,
     load_records,
@@ -170,6 +173,9 @@ class GSM8K(HubTask):
         return value is not None and gold is not None and value == gold
 
 
-# dataset.name=gsm8k: the builder irpo.config.TASKS names.
 def build(cfg: Any) -> GSM8K:
     return GSM8K(cfg)
+
+
+# dataset=gsm8k: a hub task (schema/dataset/hub), built by build above.
+TASKS.register("gsm8k", Backend(HubTaskConfig, "irpo.tasks.gsm8k:build", schema_name="hub"))

@@ -36,9 +36,11 @@ import re
 from functools import lru_cache
 from typing import Any
 
+from irpo.config import TASKS
+from irpo.registry import Backend
 from irpo.tasks.answer_text import box_spans, locate, several_values, tidy
 from irpo.tasks.base import Example
-from irpo.tasks.common import DataError, HubTask, Source, load_records, render
+from irpo.tasks.common import DataError, HubTask, HubTaskConfig, Source, load_records, render
 from irpo.tasks.timeout import CheckError, CheckTimeout, lazy_pool
 
 INSTRUCTION = (
@@ -370,11 +372,16 @@ class Math500Task(MathTask):
     test_source = MATH500
 
 
-# dataset.name=math: the builder irpo.config.TASKS names.
 def build(cfg: Any) -> MathTask:
     return MathTask(cfg)
 
 
-# dataset.name=math500: the builder irpo.config.TASKS names.
 def build_500(cfg: Any) -> Math500Task:
     return Math500Task(cfg)
+
+
+# dataset=math: a hub task (schema/dataset/hub), built by build above.
+TASKS.register("math", Backend(HubTaskConfig, "irpo.tasks.math:build", schema_name="hub"))
+
+# dataset=math500: a hub task (schema/dataset/hub), built by build_500 above.
+TASKS.register("math500", Backend(HubTaskConfig, "irpo.tasks.math:build_500", schema_name="hub"))

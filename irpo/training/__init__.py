@@ -1,5 +1,6 @@
-"""Trainer backends by name (:data:`irpo.config.TRAINERS`). Each takes the same arguments
-and returns the same stage summary (see irpo.training.torch_trainer.train)."""
+"""Trainer backends by name (:data:`irpo.config.TRAINERS`, declared by their own modules:
+``torch_trainer``, ``deepspeed_trainer``). Each takes the same arguments and returns the
+same stage summary (see irpo.training.torch_trainer.train)."""
 
 from __future__ import annotations
 

@@ -53,10 +53,12 @@ import os
 import pickle
 import signal
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from irpo.config import TRAINERS, TrainerConfig
 from irpo.launch import Allocation, stage_command
 from irpo.method import needs_reference
 from irpo.rundir import KILL_AT_STEP_ENV
@@ -92,6 +94,16 @@ log = logging.getLogger(__name__)
 
 MODULE = "irpo.training.deepspeed_trainer"
 WORK_DIR = "deepspeed"  # under the stage directory: request, DeepSpeed config, metrics, summary
+
+
+@TRAINERS.backend("deepspeed", builder="irpo.training.deepspeed_trainer:train")
+@dataclass
+class DeepSpeedTrainerConfig(TrainerConfig):
+    """``trainer=deepspeed``: ZeRO over ``num_processes`` workers per node (this module's train)."""
+
+    zero_stage: int = 3  # 2 or 3
+    num_processes: int = 2  # workers per node; a SLURM stage spans every node of the allocation
+    backend: str = "auto"  # nccl on GPUs, gloo on CPUs
 
 
 # ------------------------------------------------------------------ the driver's side

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -23,6 +24,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
+from irpo.config import TRAINERS, TrainerConfig
 from irpo.losses import preference_loss
 from irpo.method import needs_reference, nll_weight
 from irpo.modeling import context_length, load_model, resolve_device
@@ -33,6 +35,15 @@ from irpo.training.reference import stage_reference
 from irpo.training.resume import StepSaver, StopOnSignal, discard, load_state, restore, save_state
 
 log = logging.getLogger(__name__)
+
+
+@TRAINERS.backend("torch", builder="irpo.training.torch_trainer:train")
+@dataclass
+class TorchTrainerConfig(TrainerConfig):
+    """``trainer=torch``: one process (this module's train)."""
+
+    device: str = "auto"  # auto: the GPU if there is one, else the CPU; or cpu, cuda, cuda:1
+
 
 MetricsFn = Callable[[dict[str, float], int], None]
 # How both trainers lay out a micro-batch (irpo.training.logprobs.LAYOUTS): packed, one row
