@@ -36,7 +36,6 @@ from typing import Any
 
 import torch
 from tqdm.auto import tqdm
-from transformers import LogitsProcessor
 
 from irpo.config import SAMPLERS, SamplerConfig
 from irpo.modeling import (
@@ -202,8 +201,12 @@ class HFSampler:
             torch.cuda.empty_cache()
 
 
-class SampledLogprobs(LogitsProcessor):
+class SampledLogprobs:
     """A logits processor that records each sampled token's log-prob under the raw logits.
+
+    ``generate`` calls every entry of ``logits_processor`` as ``(input_ids, scores) -> scores``;
+    it needs no transformers base class, so this module (which composing a config imports, for
+    HFSamplerConfig) does not import transformers at its top level.
 
     ``generate`` runs custom processors before its sampling warpers (temperature, top-p), so
     the scores seen here are the model's own. The token drawn from step t's distribution is

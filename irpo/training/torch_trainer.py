@@ -22,7 +22,6 @@ from typing import Callable
 
 import torch
 from tqdm.auto import tqdm
-from transformers import get_scheduler
 
 from irpo.config import TRAINERS, TrainerConfig
 from irpo.losses import preference_loss
@@ -127,6 +126,8 @@ def warmup_steps(tcfg, steps: int) -> int:
 
 def make_scheduler(optimizer, tcfg, steps: int):
     """Warm-up then ``tcfg.schedule`` decay over ``steps`` optimiser steps."""
+    from transformers import get_scheduler  # here: composing a config imports this module
+
     return get_scheduler(
         "constant_with_warmup" if tcfg.schedule == "constant" else tcfg.schedule, optimizer,
         num_warmup_steps=warmup_steps(tcfg, steps), num_training_steps=steps,
