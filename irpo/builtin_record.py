@@ -87,3 +87,38 @@ def describe(record: dict[str, Any] | None) -> str:
     where = f"greedy test accuracy {acc:.1%} on the first {n} arith test problems" if acc is not None \
         else "test accuracy not measured (model.pretrain_eval_size=0)"
     return f"sha256 {record['sha256'][:16]}, {where}"
+
+
+# The M0 a run directory started from, written before its first stage. The directory's
+# name hashes the config, not the build: a new irpo build of M0 (BUILD_VERSION) keeps the
+# config and its run directory, and resuming there would mix two models' results.
+RUN_PIN = "m0.json"
+
+
+def pin_run_to_model(run_dir: Path, model_dir: Path) -> None:
+    """Record the built-in M0 a run starts from; refuse a run directory of another M0.
+
+    A model without a record (``model.path``: an outside checkpoint) is not pinned. A run
+    directory with finished stages but no pin was started before runs recorded their M0,
+    so which M0 it used cannot be told: refused too. ValueError, naming what to do.
+    """
+    record = read_record(model_dir)
+    if record is None or "sha256" not in record:
+        return
+    pin = Path(run_dir) / RUN_PIN
+    if pin.exists():
+        started = json.loads(pin.read_text())["sha256"]
+        if started != record["sha256"]:
+            raise ValueError(
+                f"{run_dir} was started from the built-in model with sha256 {started[:16]}, but this "
+                f"irpo builds M0 as sha256 {record['sha256'][:16]}; resuming would mix two models' "
+                "results: move that run directory away or set another output_root")
+        return
+    if any(Path(run_dir).glob("iter*/*/DONE")):
+        raise ValueError(
+            f"{run_dir} has finished stages but no {RUN_PIN}: it was started by an older irpo "
+            "whose built-in model may differ from this one; move that run directory away or "
+            "set another output_root")
+    tmp = pin.with_name(RUN_PIN + ".tmp")
+    tmp.write_text(json.dumps({"sha256": record["sha256"], "test_accuracy": record.get("test_accuracy")}))
+    tmp.replace(pin)

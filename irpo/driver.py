@@ -22,6 +22,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from irpo.builtin_model import ensure_builtin_model
+from irpo.builtin_record import pin_run_to_model
 from irpo.chunks import discard_chunks, run_chunks, stage_chunk_size
 from irpo.config import Config, ConfigError, temperature_at
 from irpo.evaluate import evaluate
@@ -353,6 +354,11 @@ def run(cfg: Config, raw: DictConfig) -> dict:
 def _run_locked(cfg: Config, raw: DictConfig, task: Task, splits: dict, tracker,
                 run_dir: RunDir) -> dict:
     log.info("run directory: %s", run_dir.path)
+    m0 = initial_model(cfg)
+    try:
+        pin_run_to_model(run_dir.path, m0)  # before the tracker: a refused resume logs nothing
+    except ValueError as err:
+        raise StageError(str(err)) from None
     run_dir.save_config(raw)
     resolved = OmegaConf.to_container(OmegaConf.masked_copy(raw, [k for k in raw if k != "hydra"]),
                                       resolve=True)
@@ -361,7 +367,7 @@ def _run_locked(cfg: Config, raw: DictConfig, task: Task, splits: dict, tracker,
     tracker.publish(run_record(run_dir.path))  # what earlier attempts recorded
     ctx = Context(cfg, task, run_dir, tracker, splits)
     try:
-        iterate(ctx, initial_model(cfg))
+        iterate(ctx, m0)
     except BaseException:
         tracker.finish("FAILED")
         raise

@@ -20,7 +20,16 @@ from safetensors.torch import load_file
 
 from irpo.builtin_build import measure_accuracy
 from irpo.builtin_model import ensure_builtin_model, pretrain_data_config
-from irpo.builtin_record import BUILD_THREADS, RECORD, REPRODUCIBLE_ENV, read_record, verify, weights_checksum
+from irpo.builtin_record import (
+    BUILD_THREADS,
+    RECORD,
+    REPRODUCIBLE_ENV,
+    RUN_PIN,
+    pin_run_to_model,
+    read_record,
+    verify,
+    weights_checksum,
+)
 from irpo.config import ModelConfig
 from irpo.tasks.arith import ArithConfig
 
@@ -174,3 +183,33 @@ def test_recorded_accuracy_is_the_greedy_accuracy(tmp_path):
     # Batched (left-padded) and one-at-a-time decoding may break a near-tie differently.
     assert abs(measured * n - right) <= 1
     assert read_record(path)["eval_size"] == 1000
+
+
+def test_a_run_directory_keeps_the_m0_it_started_from(builds, tmp_path):
+    run = tmp_path / "run"
+    (run / "iter0" / "eval").mkdir(parents=True)
+    pin_run_to_model(run, builds[1])  # a new run: its M0 is recorded before any stage
+    sha = read_record(builds[1])["sha256"]
+    assert json.loads((run / RUN_PIN).read_text())["sha256"] == sha
+    (run / "iter0" / "eval" / "DONE").write_text("{}")
+    pin_run_to_model(run, builds[1])  # resumed with the same M0: fine
+    other = tmp_path / "other-m0"
+    shutil.copytree(builds[1], other)
+    record = read_record(other)
+    record["sha256"] = "ab" * 32  # what another irpo build of M0 records
+    (other / RECORD).write_text(json.dumps(record))
+    with pytest.raises(ValueError, match=f"started from the built-in model with sha256 {sha[:16]}, "
+                                         f"but this irpo builds M0 as sha256 {'ab' * 8}"):
+        pin_run_to_model(run, other)
+
+
+def test_a_run_directory_from_before_the_pin_is_refused(builds, tmp_path):
+    (tmp_path / "run" / "iter0" / "eval").mkdir(parents=True)
+    (tmp_path / "run" / "iter0" / "eval" / "DONE").write_text("{}")
+    with pytest.raises(ValueError, match="has finished stages but no m0.json"):
+        pin_run_to_model(tmp_path / "run", builds[1])
+    assert not (tmp_path / "run" / RUN_PIN).exists()
+    outside = tmp_path / "hub-checkpoint"  # model.path: no record, not pinned
+    outside.mkdir()
+    pin_run_to_model(tmp_path / "run", outside)
+    assert not (tmp_path / "run" / RUN_PIN).exists()
