@@ -14,6 +14,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from irpo.rundir import write_json_atomic
+
 RECORD = "irpo_builtin.json"
 # The build's thread count, the same on every machine: oneMKL's COMPATIBLE branch gives the
 # same bits only at a fixed number of threads, and ATen's parallel kernels split their work
@@ -119,6 +121,4 @@ def pin_run_to_model(run_dir: Path, model_dir: Path) -> None:
             f"{run_dir} has finished stages but no {RUN_PIN}: it was started by an older irpo "
             "whose built-in model may differ from this one; move that run directory away or "
             "set another output_root")
-    tmp = pin.with_name(RUN_PIN + ".tmp")
-    tmp.write_text(json.dumps({"sha256": record["sha256"], "test_accuracy": record.get("test_accuracy")}))
-    tmp.replace(pin)
+    write_json_atomic(pin, {"sha256": record["sha256"], "test_accuracy": record.get("test_accuracy")})
