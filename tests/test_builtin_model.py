@@ -50,6 +50,7 @@ CALLERS = {
     "3 threads": {"OMP_NUM_THREADS": "3"},
     "SSE4.2 only": {"OMP_NUM_THREADS": "2", "MKL_ENABLE_INSTRUCTIONS": "SSE4_2"},
 }
+FIRST = "1 thread"  # the build the other tests use
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +62,6 @@ def builds(tmp_path_factory) -> dict[str, Path]:
             for key, value in env.items():
                 mp.setenv(key, value)  # read by the build's child process
             paths[label] = ensure_builtin_model(SMALL, DATA, tmp_path_factory.mktemp("cache"))
-    paths[1] = paths["1 thread"]  # the build the other tests use
     return paths
 
 
@@ -99,31 +99,31 @@ def test_the_isa_switch_really_changes_default_kernels(tmp_path):
 
 def test_checksum_follows_its_documented_definition(builds):
     # sha256 over name|dtype|shape| and the raw bytes of every tensor, in name order.
-    tensors = load_file(builds[1] / "model.safetensors")
+    tensors = load_file(builds[FIRST] / "model.safetensors")
     digest = hashlib.sha256()
     for name in sorted(tensors):
         t = tensors[name]
         digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
         digest.update(bytes(t.contiguous().view(torch.uint8).flatten().tolist()))
-    assert read_record(builds[1])["sha256"] == digest.hexdigest() == weights_checksum(builds[1])
+    assert read_record(builds[FIRST])["sha256"] == digest.hexdigest() == weights_checksum(builds[FIRST])
 
 
 def test_checksum_sees_one_changed_weight(builds, tmp_path):
     from safetensors.torch import save_file
 
-    tensors = load_file(builds[1] / "model.safetensors")
+    tensors = load_file(builds[FIRST] / "model.safetensors")
     name = sorted(tensors)[3]
     tensors[name] = tensors[name].clone()
     tensors[name].view(-1)[7] += 1e-6
     save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
-    assert weights_checksum(tmp_path) != weights_checksum(builds[1])
+    assert weights_checksum(tmp_path) != weights_checksum(builds[FIRST])
 
 
 def test_load_logs_checksum_and_accuracy(builds, caplog):
-    record = read_record(builds[1])
+    record = read_record(builds[FIRST])
     assert record["eval_size"] == 8 and 0.0 <= record["test_accuracy"] <= 1.0
     with caplog.at_level(logging.INFO, logger="irpo.builtin_model"):
-        assert ensure_builtin_model(SMALL, DATA, builds[1].parent.parent) == builds[1]
+        assert ensure_builtin_model(SMALL, DATA, builds[FIRST].parent.parent) == builds[FIRST]
     line = next(r.getMessage() for r in caplog.records if "using the cached built-in model" in r.getMessage())
     assert record["sha256"][:16] in line
     assert f"greedy test accuracy {record['test_accuracy']:.1%} on the first 8 arith test problems" in line
@@ -131,8 +131,8 @@ def test_load_logs_checksum_and_accuracy(builds, caplog):
 
 def test_corrupted_weights_are_built_again(builds, tmp_path, caplog):
     cache = tmp_path / "cache"
-    shutil.copytree(builds[1].parent.parent, cache)
-    path = cache / "models" / builds[1].name
+    shutil.copytree(builds[FIRST].parent.parent, cache)
+    path = cache / "models" / builds[FIRST].name
     weights = path / "model.safetensors"
     raw = bytearray(weights.read_bytes())
     raw[-100] ^= 0xFF  # a byte of the last tensor's data, not of the header
@@ -143,12 +143,12 @@ def test_corrupted_weights_are_built_again(builds, tmp_path, caplog):
         assert ensure_builtin_model(SMALL, DATA, cache) == path
     assert any("does not match its record" in r.getMessage() for r in caplog.records)
     assert verify(path) == (True, "")
-    rebuilt, original = load_file(weights), load_file(builds[1] / "model.safetensors")
+    rebuilt, original = load_file(weights), load_file(builds[FIRST] / "model.safetensors")
     assert all(torch.equal(rebuilt[k], original[k]) for k in original)  # the same model, rebuilt
 
 
 def test_a_missing_record_is_not_trusted(builds, tmp_path):
-    shutil.copytree(builds[1], tmp_path / "m")
+    shutil.copytree(builds[FIRST], tmp_path / "m")
     (tmp_path / "m" / RECORD).unlink()
     assert verify(tmp_path / "m") == (False, f"no readable {RECORD} with a sha256")
 
@@ -188,13 +188,13 @@ def test_recorded_accuracy_is_the_greedy_accuracy(tmp_path):
 def test_a_run_directory_keeps_the_m0_it_started_from(builds, tmp_path):
     run = tmp_path / "run"
     (run / "iter0" / "eval").mkdir(parents=True)
-    pin_run_to_model(run, builds[1])  # a new run: its M0 is recorded before any stage
-    sha = read_record(builds[1])["sha256"]
+    pin_run_to_model(run, builds[FIRST])  # a new run: its M0 is recorded before any stage
+    sha = read_record(builds[FIRST])["sha256"]
     assert json.loads((run / RUN_PIN).read_text())["sha256"] == sha
     (run / "iter0" / "eval" / "DONE").write_text("{}")
-    pin_run_to_model(run, builds[1])  # resumed with the same M0: fine
+    pin_run_to_model(run, builds[FIRST])  # resumed with the same M0: fine
     other = tmp_path / "other-m0"
-    shutil.copytree(builds[1], other)
+    shutil.copytree(builds[FIRST], other)
     record = read_record(other)
     record["sha256"] = "ab" * 32  # what another irpo build of M0 records
     (other / RECORD).write_text(json.dumps(record))
@@ -207,7 +207,7 @@ def test_a_run_directory_from_before_the_pin_is_refused(builds, tmp_path):
     (tmp_path / "run" / "iter0" / "eval").mkdir(parents=True)
     (tmp_path / "run" / "iter0" / "eval" / "DONE").write_text("{}")
     with pytest.raises(ValueError, match="has finished stages but no m0.json"):
-        pin_run_to_model(tmp_path / "run", builds[1])
+        pin_run_to_model(tmp_path / "run", builds[FIRST])
     assert not (tmp_path / "run" / RUN_PIN).exists()
     outside = tmp_path / "hub-checkpoint"  # model.path: no record, not pinned
     outside.mkdir()
