@@ -67,15 +67,15 @@ def test_each_method_defaults_to_the_papers_iterations(overrides, want):
 
 
 @pytest.mark.parametrize("overrides, loss, weight, reference", [
-    (("method=rpo",), "sigmoid", 4.0, True),  # arith's alpha
+    (("method=rpo",), "sigmoid", 16.0, True),  # arith's alpha
     (("method=rpo", "alpha=0.5"), "sigmoid", 0.5, True),  # the sweep knob
     (("method=rpo", "alpha=0"), "sigmoid", 0.0, True),  # sweep_nll's DPO point
     (("method=rpo", "dataset=gsm8k"), "sigmoid", 1.0, True),  # the paper's alpha
-    (("method=rpo_2x",), "sigmoid", 4.0, True),
+    (("method=rpo_2x",), "sigmoid", 16.0, True),
     (("method=dpo",), "sigmoid", 0.0, True),
-    (("method=ipo",), "ipo", 4.0, True),
+    (("method=ipo",), "ipo", 16.0, True),
     (("method=ipo", "alpha=0"), "ipo", 0.0, True),  # plain IPO
-    (("method=rpo", "method.loss=ipo"), "ipo", 4.0, True),
+    (("method=rpo", "method.loss=ipo"), "ipo", 16.0, True),
     (("method=sft",), "none", 1.0, False),
     (("method=star", "alpha=3"), "none", 1.0, False),  # alpha does not apply to NLL-only methods
     (("method=star_2x",), "none", 1.0, False),

@@ -88,7 +88,7 @@ def test_users_sweep_command(tmp_path):
     got = sorted((r["tags"]["method"], float(r["tags"]["beta"])) for r in runs)
     assert got == sorted((m, b) for m in ("rpo", "dpo") for b in (0.05, 0.1, 0.5))
     for r in runs:
-        assert float(r["params"]["alpha"]) == (0.0 if r["tags"]["method"] == "dpo" else 4.0)  # arith default
+        assert float(r["params"]["alpha"]) == (0.0 if r["tags"]["method"] == "dpo" else 16.0)  # arith default
         assert set(r["metrics"]["test/accuracy"]) == {0, 1}
     assert len(run_dirs(tmp_path)) == 6
 

@@ -146,7 +146,7 @@ def check_double_data(cfgs: list[Config], t: int) -> None:
 
 
 def check_iterative_dpo(cfgs: list[Config], t: int) -> None:
-    alpha = cfgs[0].dataset.alpha  # rpo's default: the dataset's (paper 1, arith 4)
+    alpha = cfgs[0].dataset.alpha  # rpo's default: the dataset's (paper 1, arith 16)
     assert {(c.method.name, c.alpha, c.iterations) for c in cfgs} == {("dpo", 0.0, t),
                                                                        ("rpo", alpha, t)}
 

@@ -66,7 +66,7 @@ class ArithConfig(DatasetConfig):
     temperature: list[float] = field(default_factory=lambda: [1.0])
     maj_k: int = 4  # maj@4: evaluation stays cheaper than sampling
     # A stronger NLL term than the paper's alpha=1 (conf/dataset/arith.yaml says why).
-    alpha: float = 4.0
+    alpha: float = 16.0
 
 
 PROMPT_TEMPLATE = "Question: {question}\nAnswer:"
