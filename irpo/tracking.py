@@ -106,7 +106,7 @@ def default_tracking_uri(output_root: str) -> str:
 
 
 def run_label(resolved: dict) -> str:
-    """The MLflow run name: what the run is, e.g. ``rpo β=0.1 α=4 seed=0``."""
+    """The MLflow run name: what the run is, e.g. ``rpo β=0.1 α=16 seed=0``."""
     method = resolved["method"]
     parts = [method["name"]]
     # Run directories written before method.loss had booleans dpo and nll (irpo.sync reads them).
