@@ -27,13 +27,22 @@ from mlflow_helpers import (
     recorded_history,
 )
 
+from irpo.tasks.arith import ArithConfig
+
 pytestmark = pytest.mark.slow
 SMOKE = ["experiment=smoke"]
 TINY = SMOKE + ["dataset.train_size=16", "dataset.test_size=8"]
 # A step checkpoint every 2 steps: the kill at step 3 resumes training after step 2.
 # Chunks of 16 prompts: 3 of the 48 training prompts, 2 of the 32 test prompts.
 STEP_CKPT = SMOKE + ["trainer.save_every_steps=2", "sampler.chunk_size=16"]
-RUN_NAME = "rpo β=0.1 α=4 seed=0"
+
+
+def run_name(seed: int) -> str:
+    """The MLflow run name of the smoke config with this seed (α: the arithmetic task's default)."""
+    return f"rpo β=0.1 α={ArithConfig().alpha:g} seed={seed}"
+
+
+RUN_NAME = run_name(0)
 # Kill points in order: after each stage's DONE, and once in the middle of training.
 KILLS = [("IRPO_KILL_AFTER_CHUNK", "iter0/eval:0"), ("IRPO_KILL_AFTER_STAGE", "iter0/eval"),
          ("IRPO_KILL_AFTER_CHUNK", "iter1/sample:1"), ("IRPO_KILL_AFTER_STAGE", "iter1/sample"),
@@ -170,8 +179,8 @@ def test_server_outages_lose_nothing(tmp_path):
         log = (tmp_path / "late.log").read_text()
         assert f"MLflow at {server.uri} did not answer" in log
         hist = mlflow_history(server.uri)
-        assert hist["rpo β=0.1 α=4 seed=1"]["metrics"] == recorded_history(the_run_dir(root))
-        assert hist["rpo β=0.1 α=4 seed=1"]["status"] == "FINISHED"
+        assert hist[run_name(1)]["metrics"] == recorded_history(the_run_dir(root))
+        assert hist[run_name(1)]["status"] == "FINISHED"
 
         # 2. The server dies while the run samples and stays down past its end.
         root = tmp_path / "down"
@@ -187,7 +196,7 @@ def test_server_outages_lose_nothing(tmp_path):
         sync = subprocess.run([sys.executable, "-m", "irpo.sync", str(run)], cwd=REPO,
                               capture_output=True, text=True, timeout=300)
         assert sync.returncode == 0, sync.stderr
-        got = mlflow_history(server.uri)["rpo β=0.1 α=4 seed=2"]
+        got = mlflow_history(server.uri)[run_name(2)]
         assert got["status"] == "FINISHED"
         assert_each_once(got["metrics"])
         assert got["metrics"] == recorded_history(run)
