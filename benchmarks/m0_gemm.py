@@ -10,8 +10,9 @@ which configurations agree bit for bit:
 * ``mkl-compatible``: the build today (``MKL_CBWR=COMPATIBLE``);
 * ``mkl-avx2``: oneMKL's AVX2 branch, the build before (Intel-only: oneMKL ignores it on AMD);
 * ``mkl-default``: oneMKL's own dispatch (AVX-512 where the CPU has it);
-* ``openblas-haswell``: numpy's OpenBLAS with ``OPENBLAS_CORETYPE=Haswell``, whose kernels
-  are chosen by name, not by CPU vendor; ``Zen`` names the same kernels on AMD.
+* ``openblas-haswell`` and ``openblas-zen``: numpy's OpenBLAS with ``OPENBLAS_CORETYPE``
+  set, whose kernels are chosen by that name, not by the CPU's vendor (``Zen`` names the
+  same kernels as ``Haswell``).
 
     python benchmarks/m0_gemm.py            # -> benchmarks/results/m0_gemm.{json,md}
 """
@@ -24,6 +25,10 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from measure import cpu_name, load, versions  # benchmarks/ is on the path now
 
 # (rows, inner, columns): the MLP's up and down products and their weight gradient, and a
 # 128 x 128 attention projection, at the build's 32 sequences x ~150 tokens.
@@ -75,11 +80,8 @@ def _numpy_product(a, b):
 
 
 def run_all(threads: list[int], reps: int) -> dict:
-    import numpy
-    import torch
-
-    out = {"cpu": _cpu(), "torch": torch.__version__, "numpy": numpy.__version__,
-           "load_before": os.getloadavg(), "reps": reps, "results": []}
+    out = {"cpu": cpu_name(), **versions("torch", "numpy"), "load_before": load(), "reps": reps,
+           "results": []}
     for t in threads:
         for name, (library, env) in CONFIGS.items():
             child_env = {**os.environ, **env, "OMP_NUM_THREADS": str(t), "MKL_NUM_THREADS": str(t),
@@ -88,7 +90,7 @@ def run_all(threads: list[int], reps: int) -> dict:
                                   env=child_env, capture_output=True, text=True, check=True)
             for row in json.loads(proc.stdout):
                 out["results"].append({"config": name, "threads": t, **row})
-    out["load_after"] = os.getloadavg()
+    out["load_after"] = load()
     return out
 
 
@@ -104,13 +106,6 @@ def to_markdown(data: dict) -> str:
         row = [f"{cells[t, shape, c]['ms']} ms `{cells[t, shape, c]['sha256'][:8]}`" for c in CONFIGS]
         lines.append(f"| {t} | {shape} | " + " | ".join(row) + " |")
     return "\n".join(lines) + "\n"
-
-
-def _cpu() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return "unknown"
 
 
 def main() -> None:
