@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
+import threading
 
 import hydra
 from omegaconf import DictConfig
@@ -36,6 +38,20 @@ def _match_threads_to_allocation() -> None:
         torch.set_num_threads(int(cpus))
 
 
+def _finished_job_ignores_the_time_limit_warning() -> None:
+    """In a submitit job whose run is complete, ignore SLURM's time-limit warning from now on.
+
+    The last attempt of a re-queued job can finish inside the warning window (up to
+    signal_delay_s + 30 s before the limit). A warning that arrives after the result is
+    written would otherwise re-queue a finished job, or, late in interpreter shutdown where
+    Python restores the default action, kill the process: SLURM records the job FAILED
+    although its work is done. One job per process under submitit, so nothing else is lost.
+    """
+    if "SUBMITIT_FOLDER" in os.environ and threading.current_thread() is threading.main_thread():
+        name = "SIG" + os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2")  # submitit's signal
+        signal.signal(getattr(signal, name, signal.SIGUSR2), signal.SIG_IGN)
+
+
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(raw: DictConfig) -> float:
     from irpo.driver import StageError, run  # heavy imports after composition succeeded
@@ -45,7 +61,7 @@ def main(raw: DictConfig) -> float:
     try:
         cfg = to_config(raw)
         validate(cfg)
-        return run(cfg, raw)["final_test_accuracy"]
+        accuracy = run(cfg, raw)["final_test_accuracy"]
     except (ConfigError, StageError, TrackingUnavailable) as e:
         log.error("%s", e)
         sys.exit(f"error: {e}")
@@ -54,6 +70,8 @@ def main(raw: DictConfig) -> float:
         # job's own log must say why the run stopped too.
         log.exception("the run failed")
         raise
+    _finished_job_ignores_the_time_limit_warning()
+    return accuracy
 
 
 if __name__ == "__main__":

@@ -202,3 +202,34 @@ def test_server_outages_lose_nothing(tmp_path):
         assert got["metrics"] == recorded_history(run)
     finally:
         server.stop()
+
+
+# A handler standing in for submitit's (re-queue the job, exit -1), installed before the run
+# as submitit installs it, and SLURM's time-limit warning sent once the run has returned.
+LATE_WARNING = """
+import atexit, os, runpy, signal, sys, time
+signal.signal(signal.SIGUSR2, lambda *_: os._exit(7))
+def late_warning():
+    os.kill(os.getpid(), signal.SIGUSR2)
+    time.sleep(0.5)  # the handler would run here
+atexit.register(late_warning)
+sys.argv = ["irpo.main", *sys.argv[1:]]
+runpy.run_module("irpo.main", run_name="__main__")  # python -m irpo.main
+"""
+
+
+def test_a_time_limit_warning_after_the_run_ends_leaves_the_job_completed(tmp_path):
+    """The last attempt of a re-queued SLURM job can finish inside the warning window
+    (test_slurm's time-limit test): a SIGUSR2 that arrives after the run is complete must
+    neither re-queue the job nor kill it (SLURM would record FAILED), so the process exits 0."""
+    cmd = [sys.executable, "-c", LATE_WARNING, f"output_root={tmp_path}", *TINY, "tracking=none"]
+    env = {**os.environ, "SUBMITIT_FOLDER": str(tmp_path / "submitit")}
+    proc = subprocess.run(cmd, check=False, cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert (the_run_dir(tmp_path) / "iter1" / "eval" / "DONE").exists()
+    # Outside a submitit job the warning keeps its meaning (the handler in place acts).
+    del env["SUBMITIT_FOLDER"]
+    proc = subprocess.run(cmd, check=False, cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 7, proc.stderr[-3000:]
