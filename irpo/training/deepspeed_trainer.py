@@ -63,6 +63,7 @@ from irpo.launch import Allocation, stage_command
 from irpo.method import needs_reference
 from irpo.rundir import KILL_AT_STEP_ENV
 from irpo.training.hooks import NO_HOOKS, StageHooks
+from irpo.training.logprobs import sharded_reference_logprobs
 from irpo.training.reference import stage_reference
 from irpo.training.resume import (
     STOPPED_EXIT,
@@ -221,35 +222,6 @@ def _setup(backend: str):
     return get_accelerator().device_name(local_rank) if backend == "nccl" else "cpu"
 
 
-def sharded_reference_logprobs(model, toks, pad_id: int, batch_size: int, device):
-    """Reference log-probs of every example, each rank scoring ``toks[rank::world]``.
-
-    Under ZeRO-3 a forward gathers parameters with collectives, so every rank
-    must run the same number of batches: shards are padded to equal length
-    (repeating an example) and the padding dropped after the all-gather.
-    """
-    import torch.distributed as dist
-
-    from irpo.training.logprobs import reference_logprobs
-
-    rank, world = dist.get_rank(), dist.get_world_size()
-    per_rank = -(-len(toks) // world)
-    shard = toks[rank::world]
-    shard = shard + [toks[0]] * (per_rank - len(shard))
-    refs = reference_logprobs(model, shard, pad_id, batch_size, device=device, show_progress=rank == 0,
-                              layout=LAYOUT)
-    gathered = []
-    for part in refs:
-        if part is None:
-            gathered.append(None)
-            continue
-        parts = [torch.empty_like(part) for _ in range(world)]
-        dist.all_gather(parts, part.contiguous())
-        # Row r of the stack holds examples r, r + world, ...: transposing restores example order.
-        gathered.append(torch.stack(parts).T.reshape(-1)[: len(toks)])
-    return tuple(gathered)
-
-
 def _reduce_metrics(sums: dict[str, float], device) -> dict[str, float]:
     import torch.distributed as dist
 
@@ -319,7 +291,7 @@ def worker(work: Path, hooks: StageHooks = NO_HOOKS) -> None:
         hooks.reference("start")
         refs_all, ref_info = stage_reference(
             toks, lambda part: sharded_reference_logprobs(engine.module, part, tokenizer.pad_token_id,
-                                                          share, device),
+                                                          share, device, LAYOUT),
             tcfg, example_ids(req["examples"]), req["seed"])
         hooks.reference("end")
     refs_all = tuple(r.to(device) for r in refs_all) if refs_all is not None else None

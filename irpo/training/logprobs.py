@@ -3,7 +3,8 @@
 Used by every trainer backend for the policy, and once per iteration for the
 reference model: the policy starts from M(t-1), which is also the reference,
 so reference log-probs are computed by one pass over the training data before
-the first update, and training then needs a single forward per step.
+the first update, and training then needs a single forward per step. Under DeepSpeed
+:func:`sharded_reference_logprobs` spreads that pass over the ranks.
 
 Three layouts of the same computation (:func:`examples_logprobs`): ``packed`` (the
 trainers' default: one row, no padding, each pair's prompt once; irpo.training.packing),
@@ -23,7 +24,8 @@ from irpo.training.packing import packed_logprobs
 from irpo.training.shared_prefix import pair_logprobs
 
 LAYOUTS = ("packed", "shared_prefix", "two_rows")
-__all__ = ["LAYOUTS", "batch_logprobs", "examples_logprobs", "reference_logprobs"]
+__all__ = ["LAYOUTS", "batch_logprobs", "examples_logprobs", "reference_logprobs",
+           "sharded_reference_logprobs"]
 
 
 def examples_logprobs(model, examples: list[TokenizedExample], pad_id: int, device=None,
@@ -65,3 +67,31 @@ def reference_logprobs(
             rejected.append(logps[len(part) :])
     model.train(was_training)
     return torch.cat(chosen).float(), (torch.cat(rejected).float() if rejected else None)
+
+
+def sharded_reference_logprobs(model, toks: list[TokenizedExample], pad_id: int, batch_size: int,
+                               device, layout: str = "packed") -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Reference log-probs of every example, each rank scoring ``toks[rank::world]``.
+
+    Under ZeRO-3 a forward gathers parameters with collectives, so every rank
+    must run the same number of batches: shards are padded to equal length
+    (repeating an example) and the padding dropped after the all-gather.
+    """
+    import torch.distributed as dist
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    per_rank = -(-len(toks) // world)
+    shard = toks[rank::world]
+    shard = shard + [toks[0]] * (per_rank - len(shard))
+    refs = reference_logprobs(model, shard, pad_id, batch_size, device=device, show_progress=rank == 0,
+                              layout=layout)
+    gathered = []
+    for part in refs:
+        if part is None:
+            gathered.append(None)
+            continue
+        parts = [torch.empty_like(part) for _ in range(world)]
+        dist.all_gather(parts, part.contiguous())
+        # Row r of the stack holds examples r, r + world, ...: transposing restores example order.
+        gathered.append(torch.stack(parts).T.reshape(-1)[: len(toks)])
+    return tuple(gathered)
