@@ -7,23 +7,25 @@ or AMD) and whatever the caller's thread count:
 * The build runs in a child process (``python -m irpo.builtin_build SPEC``, started by
   irpo.builtin_model) whose environment (irpo.builtin_record.REPRODUCIBLE_ENV) pins the
   numeric code paths; the libraries read these switches only when they load, so the
-  caller, which has imported torch already, cannot set them:
-  ``MKL_CBWR=COMPATIBLE`` (oneMKL's conditional-numerical-reproducibility branch that
-  oneMKL documents as giving the same results on Intel and Intel-compatible CPUs; its
-  per-ISA branches such as ``AVX2`` are Intel-only, and on an AMD CPU oneMKL falls back
-  to its own dispatch), ``ATEN_CPU_CAPABILITY=avx2`` (PyTorch's own vectorised kernels
-  take their AVX2 versions on AVX-512 machines too, so the width of their reductions does
-  not depend on the CPU), ``ONEDNN_MAX_CPU_ISA=AVX2`` for any oneDNN kernel, and a fixed
-  thread count (:data:`irpo.builtin_record.BUILD_THREADS`), because both oneMKL's
-  COMPATIBLE branch and ATen's parallel kernels split work by the number of threads.
+  caller, which has imported torch already, cannot set them. The matrix products of the
+  linear layers and of attention go through numpy's OpenBLAS with its kernels named, not
+  detected (``OPENBLAS_CORETYPE=Haswell``: the same AVX2 code on Intel and AMD; why not
+  torch's oneMKL: irpo.builtin_gemm). Anything left to oneMKL takes its
+  conditional-numerical-reproducibility branch ``MKL_CBWR=COMPATIBLE``, which oneMKL
+  documents as the same on Intel and Intel-compatible CPUs. ``ATEN_CPU_CAPABILITY=avx2``:
+  PyTorch's own vectorised kernels take their AVX2 versions on AVX-512 machines too, so
+  the width of their reductions does not depend on the CPU; ``ONEDNN_MAX_CPU_ISA=AVX2``
+  for any oneDNN kernel. A fixed thread count (:data:`irpo.builtin_record.BUILD_THREADS`)
+  for OpenBLAS, oneMKL and ATen, because each splits its work by the number of threads.
 * Nothing else depends on the machine: one process, no data-loader workers, every
   random draw from generators seeded by ``model.pretrain_seed``.
 
-Measured on this project's machine (tests/test_builtin_model.py): oneMKL dispatched to
-other instruction sets (``MKL_ENABLE_INSTRUCTIONS``, standing in for another CPU) gives
-other weights after 12 steps with its default kernels and the same weights with these
-switches. Not covered: a CPU without AVX2, and another torch or oneMKL version, which
-may round differently; the checksum then differs, and the run prints it.
+Measured on this project's machine (tests/test_builtin_model.py): told another core
+(``OPENBLAS_CORETYPE``) OpenBLAS gives other weights after 12 steps, and so does oneMKL
+dispatched to other instruction sets (``MKL_ENABLE_INSTRUCTIONS``) with its default
+kernels; with these switches both give the same weights. Not covered: a CPU without AVX2,
+and another torch, numpy or oneMKL version, which may round differently; the checksum then
+differs, and the run prints it.
 
 The build writes ``irpo_builtin.json`` (irpo.builtin_record) beside the weights: the build key, the sha256
 of the weight tensors (:func:`weights_checksum`) and M0's greedy accuracy on the first
@@ -55,6 +57,7 @@ def build_here(model_cfg: Any, data_cfg: Any, out: Path) -> dict[str, Any]:
     """Pre-train M0, save it to ``out``, measure it and write its record; returns the record."""
     import torch
 
+    from irpo.builtin_gemm import blas_description, openblas_products
     from irpo.builtin_model import build_key, build_model, build_tokenizer, pretrain
     from irpo.tasks.arith import ArithTask
 
@@ -62,13 +65,18 @@ def build_here(model_cfg: Any, data_cfg: Any, out: Path) -> dict[str, Any]:
     start = time.perf_counter()
     log.info("building the built-in model in %s (%d threads; %s)", out, torch.get_num_threads(),
              ", ".join(f"{k}={os.environ.get(k)}" for k in REPRODUCIBLE_ENV))
+    cpus = len(os.sched_getaffinity(0))
+    if cpus < BUILD_THREADS:
+        log.warning("this process may use %d CPU, but the build runs %d threads whatever the CPUs (so that "
+                    "M0 is the same everywhere): expect it to take many times longer", cpus, BUILD_THREADS)
     examples = ArithTask(data_cfg).load_split("pretrain")
     texts = [e.prompt + (e.gold_cot or "") for e in examples]
     tokenizer = build_tokenizer(texts, model_cfg.vocab_size)
     model = build_model(model_cfg, tokenizer)
     log.info("pre-training %.2fM parameters for %d steps on %d examples",
              model.num_parameters() / 1e6, model_cfg.pretrain_steps, len(examples))
-    losses = pretrain(model, tokenizer, [(e.prompt, e.gold_cot or "") for e in examples], model_cfg)
+    with openblas_products(model, BUILD_THREADS):
+        losses = pretrain(model, tokenizer, [(e.prompt, e.gold_cot or "") for e in examples], model_cfg)
     out.mkdir(parents=True)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
@@ -85,6 +93,7 @@ def build_here(model_cfg: Any, data_cfg: Any, out: Path) -> dict[str, Any]:
         "threads": torch.get_num_threads(),
         "machine": {"cpu": _cpu_name(), "torch": torch.__version__,
                     "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+                    "blas": blas_description(),
                     **{k: os.environ.get(k) for k in REPRODUCIBLE_ENV}},
     }
     (out / RECORD).write_text(json.dumps(record, indent=2))

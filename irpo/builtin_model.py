@@ -52,8 +52,9 @@ log = logging.getLogger(__name__)
 
 # Bump when a code change alters what gets built, so stale caches are not reused.
 # 2: built in irpo.builtin_build's reproducible mode, with a checksum record;
-# 3: oneMKL's COMPATIBLE branch at a fixed thread count (the same bits on Intel and AMD).
-BUILD_VERSION = 3
+# 3: oneMKL's COMPATIBLE branch at a fixed thread count (the same bits on Intel and AMD);
+# 4: linear layers through OpenBLAS's named Haswell kernels (irpo.builtin_gemm), faster.
+BUILD_VERSION = 4
 BOS, EOS, PAD = "<s>", "</s>", "<pad>"
 # What the built model depends on. A whitelist, so that fields about how it is
 # loaded or later trained (dtype, the iterations' lr) never trigger a rebuild.

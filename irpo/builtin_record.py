@@ -25,6 +25,9 @@ BUILD_THREADS = 2
 # Read by oneMKL, ATen and OpenMP when they load, hence set for a child process
 # (irpo.builtin_build's module doc says why each).
 REPRODUCIBLE_ENV = {
+    "OPENBLAS_CORETYPE": "Haswell",
+    "OPENBLAS_NUM_THREADS": str(BUILD_THREADS),
+    "OMP_WAIT_POLICY": "PASSIVE",
     "MKL_CBWR": "COMPATIBLE",
     "ATEN_CPU_CAPABILITY": "avx2",
     "ONEDNN_MAX_CPU_ISA": "AVX2",

@@ -1,5 +1,5 @@
 """The built-in model's reproducible build: the same bits whatever the caller's thread
-count and whichever instruction set oneMKL would pick, the record beside the weights
+count and whichever kernels oneMKL or OpenBLAS would pick, the record beside the weights
 (checksum, accuracy), and a corrupted cache built again."""
 
 from __future__ import annotations
@@ -42,13 +42,15 @@ SMALL = ModelConfig(
     pretrain_eval_size=8, pretrain_lr=3e-3, pretrain_seed=0,
 )
 DATA = ArithConfig(pretrain_size=400, train_size=8, valid_size=8, test_size=8)
-# The caller's environment of each build: its thread count, and the instruction set oneMKL
-# may use (MKL_ENABLE_INSTRUCTIONS), which stands in for a CPU that oneMKL would dispatch
-# to other kernels (an older Intel CPU, or an AMD one).
+# The caller's environment of each build: its thread count, and the kernels oneMKL and
+# OpenBLAS would choose on another CPU: oneMKL restricted to an instruction set
+# (MKL_ENABLE_INSTRUCTIONS, as on an older Intel CPU or an AMD one) and OpenBLAS told
+# another core (OPENBLAS_CORETYPE, as its own detection would on that CPU).
+ANOTHER_CPU = {"MKL_ENABLE_INSTRUCTIONS": "SSE4_2", "OPENBLAS_CORETYPE": "Sandybridge"}
 CALLERS = {
-    "1 thread": {"OMP_NUM_THREADS": "1"},
-    "3 threads": {"OMP_NUM_THREADS": "3"},
-    "SSE4.2 only": {"OMP_NUM_THREADS": "2", "MKL_ENABLE_INSTRUCTIONS": "SSE4_2"},
+    "1 thread": {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"},
+    "3 threads": {"OMP_NUM_THREADS": "3", "OPENBLAS_NUM_THREADS": "3"},
+    "another CPU": {"OMP_NUM_THREADS": "2", **ANOTHER_CPU},
 }
 FIRST = "1 thread"  # the build the other tests use
 
@@ -79,22 +81,43 @@ def test_same_bits_whatever_the_caller_threads_and_isa(builds):
     assert records["1 thread"]["final_loss"] < 5.0  # it trained (ln 320 = 5.8)
 
 
-def _unpinned_build(out: Path, **env: str) -> str:
-    """SMALL built with oneMKL's default kernels (no MKL_CBWR); its weights' sha256."""
+def _build(out: Path, **env: str | None) -> str:
+    """SMALL built with REPRODUCIBLE_ENV changed by ``env`` (None: unset); its weights' sha256."""
     spec = json.dumps({"model": dataclasses.asdict(SMALL), "data": dataclasses.asdict(DATA), "out": str(out)})
     child_env = {**os.environ, **REPRODUCIBLE_ENV, **env}
-    child_env.pop("MKL_CBWR")
+    child_env = {k: v for k, v in child_env.items() if v is not None}
     subprocess.run([sys.executable, "-m", "irpo.builtin_build", spec], env=child_env, check=True,
                    capture_output=True)
     return read_record(out)["sha256"]
 
 
-def test_the_isa_switch_really_changes_default_kernels(tmp_path):
-    """The control for the test above: without MKL_CBWR=COMPATIBLE, the same two
-    instruction-set settings give other weights, so the equality above is the pinning's."""
-    default = _unpinned_build(tmp_path / "default")
-    sse = _unpinned_build(tmp_path / "sse", MKL_ENABLE_INSTRUCTIONS="SSE4_2")
-    assert default != sse
+def test_a_job_given_one_cpu_builds_the_same_bits(tmp_path):
+    """OpenBLAS caps OPENBLAS_NUM_THREADS at the CPUs a process may run on (a SLURM job
+    with --cpus-per-task=1); the build sets its thread count itself, so the split is the
+    same. Three steps: enough for the products to differ if it were not (measured: 12 steps
+    under `taskset -c 0` gave another sha256 before the build set it)."""
+    few = {"model": {**dataclasses.asdict(SMALL), "pretrain_steps": 3, "pretrain_eval_size": 0},
+           "data": dataclasses.asdict(DATA)}
+    shas = []
+    for label, cpus in (("two", None), ("one", {min(os.sched_getaffinity(0))})):
+        out = tmp_path / label
+        spec = json.dumps({**few, "out": str(out)})
+        subprocess.run([sys.executable, "-m", "irpo.builtin_build", spec], env={**os.environ, **REPRODUCIBLE_ENV},
+                       check=True, capture_output=True,
+                       preexec_fn=None if cpus is None else lambda cpus=cpus: os.sched_setaffinity(0, cpus))
+        shas.append(read_record(out)["sha256"])
+    assert shas[0] == shas[1]
+
+
+def test_the_cpu_switches_really_change_default_kernels(tmp_path):
+    """The control for the test above: without the pins, the other CPU's kernels give other
+    weights, so the equality above is the pins' doing. oneMKL: without MKL_CBWR=COMPATIBLE,
+    its SSE4.2 kernels round otherwise than its default ones; OpenBLAS: its Sandybridge
+    kernels (AVX, no FMA) otherwise than the Haswell ones the build names."""
+    pinned = _build(tmp_path / "pinned")
+    assert _build(tmp_path / "sandybridge", OPENBLAS_CORETYPE="Sandybridge") != pinned
+    default = _build(tmp_path / "default", MKL_CBWR=None)
+    assert _build(tmp_path / "sse", MKL_CBWR=None, MKL_ENABLE_INSTRUCTIONS="SSE4_2") != default
 
 
 def test_checksum_follows_its_documented_definition(builds):
