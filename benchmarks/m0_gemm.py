@@ -1,18 +1,19 @@
 """What M0's reproducible build pays for its matrix products, and what another library would.
 
-M0's build (irpo/builtin_build.py) pins oneMKL to its COMPATIBLE branch so that Intel and
-AMD CPUs give the same bits; matrix products are most of a pre-training step. This times
+M0's build (irpo/builtin_build.py) pinned oneMKL to its COMPATIBLE branch so that Intel and
+AMD CPUs give the same bits; matrix products are most of a pre-training step. This measurement
+is why the build now uses OpenBLAS with named kernels (irpo/builtin_gemm.py). This times
 the build's product shapes (4800 tokens, hidden 128, MLP 512) side by side, each
 configuration in a child process of its own (the libraries read these switches when they
 load), and records a checksum of every result, so that one run shows both the cost and
 which configurations agree bit for bit:
 
-* ``mkl-compatible``: the build today (``MKL_CBWR=COMPATIBLE``);
-* ``mkl-avx2``: oneMKL's AVX2 branch, the build before (Intel-only: oneMKL ignores it on AMD);
+* ``mkl-compatible``: the build before (``MKL_CBWR=COMPATIBLE``);
+* ``mkl-avx2``: oneMKL's AVX2 branch, the build before that (Intel-only: oneMKL ignores it on AMD);
 * ``mkl-default``: oneMKL's own dispatch (AVX-512 where the CPU has it);
 * ``openblas-haswell`` and ``openblas-zen``: numpy's OpenBLAS with ``OPENBLAS_CORETYPE``
   set, whose kernels are chosen by that name, not by the CPU's vendor (``Zen`` names the
-  same kernels as ``Haswell``).
+  same kernels as ``Haswell``); ``Haswell`` is the build today.
 
     python benchmarks/m0_gemm.py            # -> benchmarks/results/m0_gemm.{json,md}
 """

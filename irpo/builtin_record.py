@@ -17,10 +17,11 @@ from typing import Any
 from irpo.rundir import write_json_atomic
 
 RECORD = "irpo_builtin.json"
-# The build's thread count, the same on every machine: oneMKL's COMPATIBLE branch gives the
-# same bits only at a fixed number of threads, and ATen's parallel kernels split their work
-# by the thread count (measured: a reduced build gives other bits at 3 threads than at 2,
-# with either oneMKL branch). Two, because every machine this project runs on has two cores.
+# The build's thread count, the same on every machine: OpenBLAS and oneMKL give the same
+# bits only at a fixed number of threads, and ATen's parallel kernels split their work by
+# the thread count (measured: OpenBLAS's 512x4800 . 4800x128 product differs between 1 and
+# 2 threads; a reduced build gave other bits at 3 threads than at 2 with either oneMKL
+# branch). Two, because every machine this project runs on has two cores.
 BUILD_THREADS = 2
 # Read by oneMKL, ATen and OpenMP when they load, hence set for a child process
 # (irpo.builtin_build's module doc says why each).

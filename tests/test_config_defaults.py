@@ -172,7 +172,7 @@ def test_arith_defaults_are_the_arith_option(option):
         == dataclasses.replace(ModelConfig(name="tiny", builtin="tiny"), lr=ModelConfig.lr)
     # The built-in model's cache key, pinned: the M0 every test and run builds.
     assert pretrain_data_config(cfg.dataset) == pretrain_data_config(None)
-    assert builtin_model_dir(cfg.model, cfg.dataset, "c").name == "tiny-2928bbb709c8"
+    assert builtin_model_dir(cfg.model, cfg.dataset, "c").name == "tiny-f05751c59acd"
 
 
 def leaves(node: object, prefix: str = "") -> dict[str, object]:
