@@ -109,12 +109,12 @@ def test_a_job_given_one_cpu_builds_the_same_bits(tmp_path):
     assert shas[0] == shas[1]
 
 
-def test_the_cpu_switches_really_change_default_kernels(tmp_path):
+def test_the_cpu_switches_really_change_default_kernels(builds, tmp_path):
     """The control for the test above: without the pins, the other CPU's kernels give other
     weights, so the equality above is the pins' doing. oneMKL: without MKL_CBWR=COMPATIBLE,
     its SSE4.2 kernels round otherwise than its default ones; OpenBLAS: its Sandybridge
     kernels (AVX, no FMA) otherwise than the Haswell ones the build names."""
-    pinned = _build(tmp_path / "pinned")
+    pinned = read_record(builds[FIRST])["sha256"]  # built with the pins as they are
     assert _build(tmp_path / "sandybridge", OPENBLAS_CORETYPE="Sandybridge") != pinned
     default = _build(tmp_path / "default", MKL_CBWR=None)
     assert _build(tmp_path / "sse", MKL_CBWR=None, MKL_ENABLE_INSTRUCTIONS="SSE4_2") != default
