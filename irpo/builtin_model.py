@@ -1,24 +1,21 @@
-"""The built-in seed model M0: a small Llama built and pre-trained here, on first use.
+"""The built-in seed model M0: a small Llama shipped with irpo, or built from its config.
 
-The workplace has no model hub, so the default run makes its own seed model:
-a byte-level BPE tokenizer and a ``LlamaForCausalLM`` trained for a few
-minutes on the ``pretrain`` split of the arithmetic task (irpo/tasks/arith.py).
-The result is an ordinary Hugging Face checkpoint directory, so every later
-stage loads it exactly as it would load a hub model. Usage::
+The workplace has no model hub, so the default run starts from a model of its own: a
+byte-level BPE tokenizer and a ``LlamaForCausalLM`` (1.1M parameters) pre-trained on the
+``pretrain`` split of the arithmetic task (irpo/tasks/arith.py). It is an ordinary Hugging
+Face checkpoint directory, so every later stage loads it as it would load a hub model::
 
     path = ensure_builtin_model(cfg.model, cfg.dataset, cfg.cache_dir)
     model, tok = irpo.modeling.load_model(path)
 
-The directory is ``<cache_dir>/models/tiny-<hash>``, where the hash covers the
-architecture, the pre-training settings and the pre-training data config, so a
-changed setting builds a new model and an unchanged one is reused. It is built
-in a temporary directory and renamed into place under a file lock: concurrent
-runs (a sweep) build it once, and an interrupted build leaves nothing behind.
-irpo.builtin_build does the building, in a child process whose numeric libraries
-are pinned so that the weights are the same bits on any x86-64 CPU with AVX2 and at
-any thread count of the caller, and records
-beside them their sha256 and M0's test accuracy; a cached model whose weights no
-longer match that checksum is built again, and the run logs both when it loads M0.
+``model=tiny`` as shipped is a file in the package (``irpo/assets/tiny``): the same model
+on every machine, by construction. Its sha256 is checked on every load, and a mismatch
+is an error, not a rebuild. A config whose build key (architecture, pre-training settings,
+pre-training data) differs from the shipped one's is built on first use
+(irpo.builtin_build) into ``<cache_dir>/models/tiny-<hash>``: in a temporary directory
+renamed into place under a file lock, so that concurrent runs (a sweep) build it once and
+an interrupted build leaves nothing behind. Such a build's bits depend on the CPU and
+thread count, so it records and logs its own sha256.
 
 The model is always pre-trained on arithmetic (the dataset config when it is
 ``arith``, else the default :class:`ArithConfig`), but its tokenizer is
@@ -34,8 +31,6 @@ import logging
 import math
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -43,18 +38,18 @@ import torch
 from filelock import FileLock
 from tqdm.auto import tqdm
 
-from irpo.builtin_record import REPRODUCIBLE_ENV, describe, read_record, verify
+from irpo.builtin_record import describe, read_record, verify
 from irpo.config import ModelConfig
 from irpo.modeling import encode_prompt, encode_response
 from irpo.tasks.arith import ArithConfig
 
 log = logging.getLogger(__name__)
 
-# Bump when a code change alters what gets built, so stale caches are not reused.
-# 2: built in irpo.builtin_build's reproducible mode, with a checksum record;
-# 3: oneMKL's COMPATIBLE branch at a fixed thread count (the same bits on Intel and AMD);
-# 4: linear layers through OpenBLAS's named Haswell kernels (irpo.builtin_gemm), faster.
-BUILD_VERSION = 4
+# Bump when a code change alters what gets built, so stale caches are not reused
+# (5: plain torch kernels at the caller's thread count; the shipped M0 is a file).
+BUILD_VERSION = 5
+# The shipped checkpoints, one directory per built-in name (package data).
+ASSETS = Path(__file__).resolve().parent / "assets"
 BOS, EOS, PAD = "<s>", "</s>", "<pad>"
 # What the built model depends on. A whitelist, so that fields about how it is
 # loaded or later trained (dtype, the iterations' lr) never trigger a rebuild.
@@ -102,15 +97,26 @@ def builtin_model_dir(model_cfg: Any, dataset_cfg: Any, cache_dir: str | Path) -
 
 
 def ensure_builtin_model(model_cfg: ModelConfig, dataset_cfg: Any, cache_dir: str | Path) -> Path:
-    """The checkpoint directory of the built-in model, building it if it is not cached.
+    """The checkpoint directory of the built-in model: the shipped one if the config is
+    the one it was built from, else a cached build (built now if there is none).
 
-    A cached model is used only if its weights still match the sha256 its build
-    recorded; otherwise it is removed and built again. Logs the checksum and the
-    recorded test accuracy, so two runs can tell at once whether they start from the same M0.
+    Logs the checksum and the recorded test accuracy, so two runs can tell at once whether
+    they start from the same M0. RuntimeError if the shipped weights do not match their
+    record (a damaged install); a damaged cached build is built again.
     """
     if model_cfg.builtin != "tiny":
         raise ValueError(f"model.builtin={model_cfg.builtin!r}: the only built-in model is 'tiny'")
     check_architecture(model_cfg)
+    key = json.loads(json.dumps(build_key(model_cfg, pretrain_data_config(dataset_cfg))))  # as recorded
+    shipped = shipped_model_dir(model_cfg.builtin)
+    record = read_record(shipped)
+    if record is not None and record.get("build_key") == key:
+        ok, why = verify(shipped)
+        if not ok:
+            raise RuntimeError(f"the shipped built-in model {shipped} does not match its record ({why}): "
+                               "the installation is damaged; reinstall irpo or `git checkout` that folder")
+        log.info("using the shipped built-in model %s: %s", shipped, describe(record))
+        return shipped
     final = builtin_model_dir(model_cfg, dataset_cfg, cache_dir)
     if (final / "config.json").exists() and _usable(final):
         log.info("using the cached built-in model %s: %s", final, describe(read_record(final)))
@@ -122,6 +128,9 @@ def ensure_builtin_model(model_cfg: ModelConfig, dataset_cfg: Any, cache_dir: st
                 log.info("using the built-in model %s: %s", final, describe(read_record(final)))
                 return final
             _discard(final)
+        log.warning("model.* differs from the shipped %s (%s): building it in %s; its bits depend on "
+                    "this machine's CPU and thread count, so its sha256 is its own",
+                    model_cfg.builtin, _differences(record, key), final)
         tmp = final.parent / f"{final.name}.tmp-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         try:
@@ -131,6 +140,30 @@ def ensure_builtin_model(model_cfg: ModelConfig, dataset_cfg: Any, cache_dir: st
             shutil.rmtree(tmp, ignore_errors=True)
     log.info("using the new built-in model %s: %s", final, describe(read_record(final)))
     return final
+
+
+def shipped_model_dir(name: str) -> Path:
+    return ASSETS / name
+
+
+def _differences(record: dict[str, Any] | None, key: dict[str, Any]) -> str:
+    """Which build-key fields differ from the shipped model's, for the log."""
+    if record is None:
+        return "no shipped record"
+    shipped = record.get("build_key", {})
+    diffs = [f"version {shipped.get('version')} -> {key['version']}"] if shipped.get("version") != key["version"] else []
+    for part in ("model", "data"):
+        for field, value in key[part].items():
+            if shipped.get(part, {}).get(field) != value:
+                diffs.append(f"{'model' if part == 'model' else 'dataset'}.{field}="
+                             f"{value} instead of {shipped.get(part, {}).get(field)}")
+    return ", ".join(diffs) or "no field"
+
+
+def _build(model_cfg: ModelConfig, data_cfg: ArithConfig, out: Path) -> None:
+    from irpo.builtin_build import build_here  # it imports this module
+
+    build_here(model_cfg, data_cfg, out)
 
 
 def _usable(path: Path) -> bool:
@@ -146,18 +179,6 @@ def _discard(path: Path) -> None:
     trash = path.parent / f"{path.name}.bad-{os.getpid()}"
     os.replace(path, trash)
     shutil.rmtree(trash, ignore_errors=True)
-
-
-def _build(model_cfg: ModelConfig, data_cfg: ArithConfig, out: Path) -> None:
-    """Build M0 into ``out`` in a child process (``python -m irpo.builtin_build``) with
-    :data:`irpo.builtin_record.REPRODUCIBLE_ENV`."""
-    spec = json.dumps({"model": _as_dict(model_cfg), "data": _as_dict(data_cfg), "out": str(out)})
-    cmd = [sys.executable, "-m", "irpo.builtin_build", spec]
-    # The progress bar and log lines go straight to the caller's terminal.
-    proc = subprocess.run(cmd, env={**os.environ, **REPRODUCIBLE_ENV}, check=False)
-    if proc.returncode != 0:
-        raise RuntimeError(f"building the built-in model in {out} failed "
-                           f"(python -m irpo.builtin_build exited with {proc.returncode}; its log is above)")
 
 
 def check_architecture(model_cfg: ModelConfig) -> None:

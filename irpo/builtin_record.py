@@ -1,10 +1,10 @@
-"""The built-in model's record and its reproducible-build switches, read by both sides.
+"""The built-in model's record: what M0 is, checked wherever it is loaded.
 
-irpo.builtin_model (which decides whether M0 must be built, and checks a cached one) and
-irpo.builtin_build (the child process that builds it) share these: the record file
-``irpo_builtin.json`` beside the weights (build key, sha256 of the weight tensors, M0's
-accuracy), how it is read and checked, and the environment the build runs in (why those
-switches: irpo.builtin_build's module doc).
+``irpo_builtin.json`` lies beside the weights of every built-in checkpoint (the one shipped
+in ``irpo/assets`` and any built into the cache): the build key, the sha256 of the weight
+tensors, M0's greedy test accuracy, and how and where it was built. irpo.builtin_model
+checks it on load, irpo.builtin_build writes it, and a run directory pins the sha256 of
+the M0 it started from (``m0.json``).
 """
 
 from __future__ import annotations
@@ -17,26 +17,6 @@ from typing import Any
 from irpo.rundir import write_json_atomic
 
 RECORD = "irpo_builtin.json"
-# The build's thread count, the same on every machine: OpenBLAS and oneMKL give the same
-# bits only at a fixed number of threads, and ATen's parallel kernels split their work by
-# the thread count (measured: OpenBLAS's 512x4800 . 4800x128 product differs between 1 and
-# 2 threads; a reduced build gave other bits at 3 threads than at 2 with either oneMKL
-# branch). Two, because every machine this project runs on has two cores.
-BUILD_THREADS = 2
-# Read by oneMKL, ATen and OpenMP when they load, hence set for a child process
-# (irpo.builtin_build's module doc says why each).
-REPRODUCIBLE_ENV = {
-    "OPENBLAS_CORETYPE": "Haswell",
-    "OPENBLAS_NUM_THREADS": str(BUILD_THREADS),
-    "OMP_WAIT_POLICY": "PASSIVE",
-    "MKL_CBWR": "COMPATIBLE",
-    "ATEN_CPU_CAPABILITY": "avx2",
-    "ONEDNN_MAX_CPU_ISA": "AVX2",
-    "OMP_NUM_THREADS": str(BUILD_THREADS),
-    "MKL_NUM_THREADS": str(BUILD_THREADS),
-    "MKL_DYNAMIC": "FALSE",
-    "OMP_DYNAMIC": "FALSE",
-}
 
 
 def weights_checksum(model_dir: str | Path) -> str:
@@ -96,8 +76,8 @@ def describe(record: dict[str, Any] | None) -> str:
 
 
 # The M0 a run directory started from, written before its first stage. The directory's
-# name hashes the config, not the build: a new irpo build of M0 (BUILD_VERSION) keeps the
-# config and its run directory, and resuming there would mix two models' results.
+# name hashes the config, not the weights: a new shipped M0 keeps the config and its run
+# directory, and resuming there would mix two models' results.
 RUN_PIN = "m0.json"
 
 
@@ -117,7 +97,7 @@ def pin_run_to_model(run_dir: Path, model_dir: Path) -> None:
         if started != record["sha256"]:
             raise ValueError(
                 f"{run_dir} was started from the built-in model with sha256 {started[:16]}, but this "
-                f"irpo builds M0 as sha256 {record['sha256'][:16]}; resuming would mix two models' "
+                f"irpo's M0 is sha256 {record['sha256'][:16]}; resuming would mix two models' "
                 "results: move that run directory away or set another output_root")
         return
     if any(Path(run_dir).glob("iter*/*/DONE")):

@@ -158,10 +158,10 @@ def test_no_schema_default_is_dead():
 
 
 @pytest.mark.parametrize("option", ["dataset=arith", "dataset=gsm8k", "model=tiny"])
-def test_arith_defaults_are_the_arith_option(option):
+def test_arith_defaults_are_the_arith_option(option, tmp_path):
     """The M0 of every task is pre-trained from ArithConfig() (irpo/builtin_model.py): the
     arith option composes to exactly those values, and model=tiny to ModelConfig's."""
-    from irpo.builtin_model import builtin_model_dir, pretrain_data_config
+    from irpo.builtin_model import ensure_builtin_model, pretrain_data_config, shipped_model_dir
     from irpo.config import ModelConfig, compose, to_config
     from irpo.tasks.arith import ArithConfig
 
@@ -170,9 +170,9 @@ def test_arith_defaults_are_the_arith_option(option):
         assert cfg.dataset == ArithConfig()
     assert dataclasses.replace(cfg.model, lr=ModelConfig.lr, name="tiny", builtin="tiny") \
         == dataclasses.replace(ModelConfig(name="tiny", builtin="tiny"), lr=ModelConfig.lr)
-    # The built-in model's cache key, pinned: the M0 every test and run builds.
+    # Every default composes to the shipped M0's config: nothing is built.
     assert pretrain_data_config(cfg.dataset) == pretrain_data_config(None)
-    assert builtin_model_dir(cfg.model, cfg.dataset, "c").name == "tiny-f05751c59acd"
+    assert ensure_builtin_model(cfg.model, cfg.dataset, tmp_path) == shipped_model_dir("tiny")
 
 
 def leaves(node: object, prefix: str = "") -> dict[str, object]:

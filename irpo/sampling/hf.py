@@ -5,26 +5,27 @@ Built by :func:`irpo.sampling.build_sampler` for ``sampler=hf``::
     sampler = HFSampler(model_path, HFSamplerConfig(name="hf", batch_size=64), dtype="float32")
     outs = sampler.generate(prompts, n=8, temperature=1.0, max_new_tokens=96, seed=0)
 
-Prompts are sorted by length and sent ``cfg.batch_size`` at a time, left
-padded, each expanded to ``n`` samples with a KV cache; results come back in
-the original order. Sampling is pure temperature/top-p sampling from the
-model (the checkpoint's own generation defaults such as top-k or repetition
-penalties are deliberately not applied: IRPO samples from the model itself).
-Batch ``b`` is seeded with ``seed + first_index + b``, so a call is reproducible for
-a given seed, prompt list and batch size (``first_index``: where a chunk of a stage's
-prompts starts, irpo.chunks; 0 for a whole list, whose seeds are then ``seed + b``).
+Prompts are sorted by length and sent ``cfg.batch_size`` at a time, left padded, each
+expanded to ``n`` samples (irpo.sampling.decode: the model's forward with transformers'
+KV cache and sampling warpers, finished rows dropped from the batch); results come back in
+the original order. Sampling is pure temperature/top-p sampling from the model (the
+checkpoint's own generation defaults such as top-k or repetition penalties are
+deliberately not applied: IRPO samples from the model itself). Batch ``b`` is seeded with
+``seed + first_index + b``, so a call is reproducible for a given seed, prompt list and
+batch size (``first_index``: where a chunk of a stage's prompts starts, irpo.chunks; 0 for
+a whole list, whose seeds are then ``seed + b``).
 
 Log-probs (``return_logprobs``, on by default), as ``sampler=vllm`` gives them:
 ``Generation.logprob`` is the summed log-prob of the sampled tokens under the model itself
 (temperature 1, no top-p: the logits before any warper), read off the logits that decoding
-computes anyway (:class:`SampledLogprobs`, one [rows, vocab] step at a time), so the next
-iteration's trainer needs no reference pass. None where the trainer would score other ids
-(the response hit max_new_tokens, or re-encoding the text gives other ids). The batch is
-left padded; the model masks the pads and takes positions from the mask, so the values are
-those of an unpadded forward up to float rounding: within 1e-4 of the trainer's teacher-forced
-forward on the tests' pairs, far inside ``trainer.ref_check_tolerance`` (0.01), which checks
-a sample of them every stage. :meth:`HFSampler.score` scores responses it did not sample
-(the driver's gold CoT winners) with the trainer's packed forward (irpo.training.packing).
+computes anyway, so the next iteration's trainer needs no reference pass. None where the
+trainer would score other ids (the response hit max_new_tokens, or re-encoding the text
+gives other ids). The batch is left padded; the model masks the pads and takes positions
+from the mask, so the values are those of an unpadded forward up to float rounding: within
+1e-4 of the trainer's teacher-forced forward on the tests' pairs, far inside
+``trainer.ref_check_tolerance`` (0.01), which checks a sample of them every stage.
+:meth:`HFSampler.score` scores responses it did not sample (the driver's gold CoT winners)
+with the trainer's packed forward (irpo.training.packing).
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ from irpo.modeling import (
     resolve_device,
 )
 from irpo.sampling import Generation
+from irpo.sampling.decode import decode
 
 log = logging.getLogger(__name__)
 
@@ -107,42 +109,13 @@ class HFSampler:
         gens = [self._decode(row, steps[i] if steps else None) for i, row in enumerate(rows)]
         return [gens[p * n : (p + 1) * n] for p in range(len(batch))]
 
-    @torch.inference_mode()
     def _sample_ids(self, batch: list[list[int]], n: int, temperature: float, max_new_tokens: int,
                     seed: int) -> tuple[list[list[int]], list[list[float]] | None]:
-        """Generated ids per row (row p*n + j: sample j of prompt p; after EOS: padding) and,
+        """Generated ids per row (row p*n + j: sample j of prompt p; EOS last where drawn) and,
         with ``return_logprobs``, each token's log-prob under the model."""
-        from transformers import GenerationConfig
-
-        pad = self.tokenizer.pad_token_id
-        width = max(len(ids) for ids in batch)
-        input_ids = torch.full((len(batch), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for row, ids in enumerate(batch):  # left padding: every prompt ends at column `width`
-            input_ids[row, width - len(ids) :] = torch.tensor(ids)
-            mask[row, width - len(ids) :] = 1
-        sampling = temperature > 0
-        # A fresh config instead of the checkpoint's, so no hidden top-k/penalties apply.
-        config = GenerationConfig(
-            do_sample=sampling,
-            num_beams=1,
-            num_return_sequences=n,
-            max_new_tokens=max_new_tokens,
-            eos_token_id=self.eos_ids,
-            pad_token_id=pad,
-            bos_token_id=self.tokenizer.bos_token_id,
-            **({"temperature": temperature, "top_p": self.cfg.top_p, "top_k": 0} if sampling else {}),
-        )
-        torch.manual_seed(seed)
-        recorder = SampledLogprobs() if self.return_logprobs else None
-        out = self.model.generate(
-            input_ids=input_ids.to(self.device),
-            attention_mask=mask.to(self.device),
-            generation_config=config,
-            **({"logits_processor": [recorder]} if recorder else {}),
-        )
-        steps = recorder.finish(out).cpu().tolist() if recorder else None  # [rows][new tokens]
-        return out[:, width:].tolist(), steps
+        out = decode(self.model, batch, n, temperature, self.cfg.top_p, max_new_tokens,
+                     self.eos_ids, self.tokenizer.pad_token_id, seed)
+        return out.tokens, out.logprobs if self.return_logprobs else None
 
     @property
     def return_logprobs(self) -> bool:
@@ -199,39 +172,6 @@ class HFSampler:
         gc.collect()
         if self.device.type == "cuda":  # the train stage that follows needs the memory back
             torch.cuda.empty_cache()
-
-
-class SampledLogprobs:
-    """A logits processor that records each sampled token's log-prob under the raw logits.
-
-    ``generate`` calls every entry of ``logits_processor`` as ``(input_ids, scores) -> scores``;
-    it needs no transformers base class, so this module (which composing a config imports, for
-    HFSamplerConfig) does not import transformers at its top level.
-
-    ``generate`` runs custom processors before its sampling warpers (temperature, top-p), so
-    the scores seen here are the model's own. The token drawn from step t's distribution is
-    only known at step t + 1 (the last column of ``input_ids``), so one step's log-softmax is
-    kept until then; :meth:`finish` reads the last token from the output.
-    """
-
-    def __init__(self):
-        self.previous: torch.Tensor | None = None  # [rows, vocab] log-softmax of the last step
-        self.steps: list[torch.Tensor] = []  # [rows] per generated token
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        self._take(input_ids[:, -1])
-        self.previous = torch.log_softmax(scores.float(), dim=-1)
-        return scores
-
-    def _take(self, tokens: torch.Tensor) -> None:
-        if self.previous is not None:
-            self.steps.append(self.previous.gather(1, tokens[:, None])[:, 0])
-        self.previous = None
-
-    def finish(self, sequences: torch.Tensor) -> torch.Tensor:
-        """[rows, new tokens] log-probs of the generated tokens (after EOS: of the padding)."""
-        self._take(sequences[:, -1])
-        return torch.stack(self.steps, dim=1)
 
 
 def _check_args(n: int, temperature: float, max_new_tokens: int, batch_size: int) -> None:
