@@ -92,28 +92,23 @@ class ModelConfig:
 
     name: str = MISSING
     path: str | None = None
-    builtin: str | None = None  # "tiny": the embedded Llama, pre-trained on first use
+    builtin: str | None = None  # "tiny": the embedded Llama, shipped in irpo/assets (docs/builtin_model.md)
     dtype: str = "float32"
     # Learning rate that suits this model's scale; trainer.lr defaults to it
     # (paper: 7e-7 for Llama-2-70B-Chat; a small model built here needs far more).
     lr: float = 7e-7
-    # Architecture of the built-in model (ignored for ``path``): the only built-in, "tiny",
-    # is these defaults (conf/model/tiny.yaml).
+    # Architecture and pre-training of the built-in model (ignored for ``path``): the only
+    # built-in, "tiny", is these defaults, and these defaults are the shipped file; any other
+    # value is built on first use (docs/builtin_model.md says why each was chosen).
     hidden_size: int = 128
     num_layers: int = 4
     num_heads: int = 4  # head_dim = hidden_size / num_heads must be >= 32 for vLLM
     intermediate_size: int = 512
     vocab_size: int = 512
     max_position_embeddings: int = 2048  # long real-task prompts (GSM8K, MATH) still fit
-    # Pre-training of the built-in model on the task's pre-training split, chosen among
-    # candidates for an M0 that a change of rounding moves little and that leaves the
-    # iterations headroom (README, "The built-in model M0").
     pretrain_steps: int = 800
     pretrain_batch_size: int = 32
-    # 3e-3 before: there a change of rounding alone moved M0 by up to 17 points (README).
     pretrain_lr: float = 1e-3
-    # Seeds 0/1/2 landed at 64.4/52.3/58.3% (earlier AVX2 build; 54.2% for seed 1 now):
-    # 1 is nearest the paper's 55.6% M0 (README).
     pretrain_seed: int = 1
     # M0's greedy accuracy on this many arith test problems is measured when it is built
     # and recorded beside its weights (0: not measured).

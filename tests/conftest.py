@@ -1,7 +1,7 @@
 """Shared test set-up: where the real benchmark data and the built model live.
 
-The built-in model M0 is cached under outputs/test-cache (git-ignored), so it
-is pre-trained once per machine and shared by every test that needs it.
+Runs start from the shipped M0 (irpo/assets/tiny); builds of other model configs,
+and DeepSpeed's compiled extensions, are cached under outputs/test-cache (git-ignored).
 """
 
 from __future__ import annotations
@@ -40,3 +40,18 @@ def run_main(args: list[str], output_root: Path, env: dict | None = None,
 @pytest.fixture(scope="session")
 def repo() -> Path:
     return REPO
+
+
+# The two modules that drive the SLURM test cluster share it (one cluster per machine).
+_ONE_WORKER = {"test_slurm": "slurm", "test_two_nodes": "slurm"}
+
+
+def pytest_collection_modifyitems(config, items):
+    """`make test` runs the suite on two pytest-xdist workers (``--dist loadgroup``): a test
+    module stays on one worker, so its module fixtures (a vLLM engine, a built model) start
+    once, and the SLURM modules share one, as they share one cluster. Many tests wait
+    (on SLURM's scheduler, a re-queue, an MLflow server, a subprocess's imports) rather than
+    compute, so the other worker's tests fill the time."""
+    for item in items:
+        name = item.module.__name__
+        item.add_marker(pytest.mark.xdist_group(_ONE_WORKER.get(name, name)))

@@ -2,7 +2,7 @@
 errors a user sees (kills, resumes and outages: test_faults.py).
 
 Each test runs ``python -m irpo.main`` in a subprocess on the built-in model
-(pre-trained once, cached in outputs/test-cache).
+(the shipped file, irpo/assets/tiny).
 """
 
 from __future__ import annotations

@@ -69,11 +69,14 @@ def forwards(monkeypatch) -> list[int]:
 
 def assert_same_curve(logged, ref_logged, logps_tol=CURVE_TOL):
     """Every metric of every step within CURVE_TOL; ``logps/*`` (sums over ~270 tokens, in
-    float32 to ~3e-5) within ``logps_tol``."""
+    float32 to ~3e-5) within ``logps_tol``; the reward accuracy where the margins are not
+    all zero (at the first step they are, up to rounding, which differs between CPUs)."""
     assert [s for s, _ in logged] == [s for s, _ in ref_logged]
     for (_, a), (_, b) in zip(logged, ref_logged):
         assert a.keys() == b.keys()
         for k in a:
+            if k == "rewards/accuracy" and abs(b["rewards/margin"]) < 1e-5:
+                continue  # policy = reference: every margin is ~0, and its sign is rounding
             tol = logps_tol if k.startswith("logps/") else CURVE_TOL
             assert a[k] == pytest.approx(b[k], abs=tol), k
 

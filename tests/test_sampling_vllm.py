@@ -3,7 +3,7 @@ merge to the one-engine result, sampler log-probs against a recomputed forward, 
 one-iteration run of the loop whose training takes its reference log-probs from the sampler.
 
 The fast shard mechanics without an engine are in tests/test_sampling_shards.py.
-The engine runs on the built-in model M0 (cached in outputs/test-cache) and is started once
+The engine runs on the shipped built-in model M0 (irpo/assets/tiny) and is started once
 for the module. Run: .venv/bin/python -m pytest tests/test_sampling_vllm.py -x -q
 """
 

@@ -223,7 +223,7 @@ def test_stage_launch_across_nodes(tmp_path, slurm_cluster):
 @pytest.mark.slurm
 def test_sweep_runs_as_slurm_array_jobs(tmp_path, slurm_cluster):
     """The user's sweep command with launcher=slurm: one array job, a task per
-    point, each an MLflow run, all sharing the cached built-in model."""
+    point, each an MLflow run, both starting from the shipped built-in model."""
     # hydra.mode=MULTIRUN is -m (run_main puts output_root first, and -m must lead).
     run_main(["hydra.mode=MULTIRUN", "launcher=slurm", "method=rpo,dpo", "experiment=smoke",
               *ON_TEST_CLUSTER], tmp_path, timeout=1100)
@@ -236,13 +236,14 @@ def test_sweep_runs_as_slurm_array_jobs(tmp_path, slurm_cluster):
     runs = mlflow_runs(tmp_path)
     assert sorted(r["tags"]["method"] for r in runs) == ["dpo", "rpo"]
     assert {r["status"] for r in runs} == {"FINISHED"}
-    # The jobs saw the submitting shell's environment: the shared model cache.
+    # The jobs saw the submitting shell's environment: the shared cache directory.
     assert {r["params"]["cache_dir"] for r in runs} == {os.environ["IRPO_CACHE_DIR"]}
-    # ... and one M0: built at most once (under its lock), loaded by both from there.
-    assert sum("building the built-in model" in log for log in jobs.values()) <= 1
-    m0 = {re.search(r"loaded (\S+/models/tiny-\w+) ", log).group(1) for log in jobs.values()}
-    cache = Path(os.environ["IRPO_CACHE_DIR"]).resolve()
-    assert len(m0) == 1 and Path(m0.pop()).parent.parent.resolve() == cache
+    # ... and one M0, the shipped file, checked and loaded by both; nothing built.
+    from irpo.builtin_model import shipped_model_dir
+
+    assert not any("building the built-in model" in log for log in jobs.values())
+    m0 = {re.search(r"loaded (\S+/assets/tiny) ", log).group(1) for log in jobs.values()}
+    assert len(m0) == 1 and Path(m0.pop()).resolve() == shipped_model_dir("tiny").resolve()
 
 
 def train_losses(run: Path) -> list[float]:
@@ -255,9 +256,11 @@ def mlflow_loss_history(root: Path) -> list[tuple[int, float]]:
     return list(con.execute("select step, value from metrics where key='train/loss' order by step"))
 
 
-# A train stage of 1.5-5 minutes (1025 steps of 0.1-0.3 s, one thread) against a 1-minute
-# limit: at least three attempts even on an idle machine.
-LONG_TRAIN = ["method=rpo", "experiment=smoke", "trainer.epochs=100"]
+# A train stage of 45-140 s (about 460 steps of 0.1-0.3 s, one thread) against a 1-minute
+# limit, of which an attempt trains 10-40 s: at least two attempts even on an idle machine.
+# (Each attempt after the first costs about 45 s of waiting: the re-queue's credential expiry
+# and the job's start.)
+LONG_TRAIN = ["method=rpo", "experiment=smoke", "trainer.epochs=45"]
 
 
 @pytest.mark.slow
@@ -300,14 +303,15 @@ def test_train_stage_longer_than_the_time_limit_completes(tmp_path, slurm_cluste
     assert sweep.returncode == 0, (tmp_path / "sweep.log").read_text()[-5000:]
     ((job_id, log),) = submitit_jobs(job_root).items()
     attempts = [state for _, state in sacct(job_id, duplicates=True)]
-    assert attempts.count("REQUEUED") >= 2 and attempts[-1] == "COMPLETED", attempts
+    assert attempts.count("REQUEUED") >= 1 and attempts[-1] == "COMPLETED", attempts
     # (submitit's lines appear up to three times, through its logger and Hydra's)
     signalled = re.findall(r"^\[[^]]+\]\[submitit\]\[WARNING\] - Caught signal SIGUSR2", log, re.M)
     assert len(signalled) == attempts.count("REQUEUED"), signalled
     assert "saving a step checkpoint at the end of this step" in log
-    # Training went on from where each attempt stopped, over at least two attempts.
+    # Training went on from where each attempt stopped.
     resumed = [int(n) for n in re.findall(r"resuming training after step (\d+)", log)]
-    assert resumed and resumed == sorted(set(resumed)) and resumed[0] >= 2, resumed
+    assert len(resumed) == attempts.count("REQUEUED"), resumed
+    assert resumed == sorted(set(resumed)) and resumed[0] >= 2, resumed
     assert f"Requeued job {job_id}" in log and "iteration 1 sample: done already, skipped" in log
 
     (run,) = [p for p in (job_root / "runs").iterdir() if p.is_dir()]

@@ -1,13 +1,16 @@
 """The ``hf`` sampler's decoding loop: batched sampling that stops computing finished rows.
 
-``model.generate`` keeps every row of a batch in every step until the last row ends, and
-runs the prompt's prefill once per sample. Profiled on the default run (a 1.1M-parameter
-model, 64 prompts x 4 samples), most of a batch's steps were spent on rows that had
-already emitted EOS, so a larger batch was slower. This loop calls the same model forward
-with the same cache class (transformers' ``DynamicCache``) and differs in three ways:
+``model.generate`` keeps every row of a batch in every step until the last row ends, runs
+the prompt's prefill once per sample, and grows its KV cache by ``torch.cat`` at every
+step (in a profile of the default run's sampling, 64 prompts x 4 samples, the copying was
+the largest single cost once finished rows were dropped). This loop calls the same model
+forward through transformers' ``Cache`` interface and differs in four ways:
 
 * the prompt is prefilled once and its cache repeated for the ``n`` samples;
-* rows that emitted EOS leave the batch (``DynamicCache.batch_select_indices``);
+* the cache is preallocated at its final length (:class:`_PreallocatedLayer`) instead of
+  growing by ``torch.cat`` at every step;
+* rows that emitted EOS leave the batch (``Cache.batch_select_indices``), a quarter of
+  the batch at a time;
 * the next token is drawn with transformers' own temperature and top-p warpers from a
   ``torch.Generator`` seeded by the caller, so samples follow the distribution that
   ``generate(do_sample=True, temperature=t, top_p=p, top_k=0)`` draws from; greedy is
@@ -15,7 +18,7 @@ with the same cache class (transformers' ``DynamicCache``) and differs in three 
 
 It also returns each drawn token's log-prob under the raw logits (temperature 1, no top-p),
 which ``generate`` needs a logits processor for. The measured speed-up and what else was
-tried: docs/benchmarks.md ("Sampling").
+tried: the README's *Benchmarks* (benchmarks/hf_decode.py).
 """
 
 from __future__ import annotations

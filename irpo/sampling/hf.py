@@ -5,7 +5,8 @@ Built by :func:`irpo.sampling.build_sampler` for ``sampler=hf``::
     sampler = HFSampler(model_path, HFSamplerConfig(name="hf", batch_size=64), dtype="float32")
     outs = sampler.generate(prompts, n=8, temperature=1.0, max_new_tokens=96, seed=0)
 
-Prompts are sorted by length and sent ``cfg.batch_size`` at a time, left padded, each
+Prompts are sorted by length and sent ``cfg.batch_size`` at a time (``greedy_batch_size``
+for greedy decoding), left padded, each
 expanded to ``n`` samples (irpo.sampling.decode: the model's forward with transformers'
 KV cache and sampling warpers, finished rows dropped from the batch); results come back in
 the original order. Sampling is pure temperature/top-p sampling from the model (the
@@ -48,7 +49,6 @@ from irpo.modeling import (
     resolve_device,
 )
 from irpo.sampling import Generation
-from irpo.sampling.decode import decode
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +59,10 @@ class HFSamplerConfig(SamplerConfig):
     """``sampler=hf``: transformers ``generate`` in the driver (this module's HFSampler)."""
 
     device: str = "auto"  # auto: the GPU if there is one, else the CPU; or cpu, cuda, cuda:1
+    # Prompts per call of greedy decoding: one row each, so that a greedy batch has as many
+    # rows as a sampled one of batch_size x 4 (on the CPU a step of 64 rows is mostly
+    # per-step overhead; benchmarks/hf_decode.py).
+    greedy_batch_size: int = 256
     # Generation.logprob (the model's own log-prob of each sample) and score() for gold CoT
     # winners: the next stage's DPO reference without a reference pass (irpo/training/reference.py).
     return_logprobs: bool = True
@@ -75,13 +79,16 @@ class HFSampler:
 
     def generate(self, prompts: list[str], n: int, temperature: float, max_new_tokens: int,
                  seed: int, desc: str = "sampling", first_index: int = 0) -> list[list[Generation]]:
-        _check_args(n, temperature, max_new_tokens, self.cfg.batch_size)
+        if temperature > 0:
+            bs, field = self.cfg.batch_size, "sampler.batch_size"
+        else:  # a config without the field (the base SamplerConfig) batches greedy by batch_size
+            bs, field = getattr(self.cfg, "greedy_batch_size", self.cfg.batch_size), "sampler.greedy_batch_size"
+        _check_args(n, temperature, max_new_tokens, bs, field)
         encoded = [encode_prompt(self.tokenizer, p) for p in prompts]
         self._check_lengths(encoded, max_new_tokens)
         # Similar lengths together: less padding, fewer wasted positions per batch.
         order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
         results: list[list[Generation] | None] = [None] * len(prompts)
-        bs = self.cfg.batch_size
         with tqdm(total=len(prompts), desc=desc, mininterval=1.0) as bar:
             for b, start in enumerate(range(0, len(order), bs)):
                 index = order[start : start + bs]
@@ -113,6 +120,8 @@ class HFSampler:
                     seed: int) -> tuple[list[list[int]], list[list[float]] | None]:
         """Generated ids per row (row p*n + j: sample j of prompt p; EOS last where drawn) and,
         with ``return_logprobs``, each token's log-prob under the model."""
+        from irpo.sampling.decode import decode  # imports transformers; composing a config must not
+
         out = decode(self.model, batch, n, temperature, self.cfg.top_p, max_new_tokens,
                      self.eos_ids, self.tokenizer.pad_token_id, seed)
         return out.tokens, out.logprobs if self.return_logprobs else None
@@ -174,7 +183,8 @@ class HFSampler:
             torch.cuda.empty_cache()
 
 
-def _check_args(n: int, temperature: float, max_new_tokens: int, batch_size: int) -> None:
+def _check_args(n: int, temperature: float, max_new_tokens: int, batch_size: int,
+                field: str = "sampler.batch_size") -> None:
     if n < 1:
         raise ValueError(f"n={n} samples per prompt must be >= 1")
     if temperature < 0:
@@ -184,4 +194,4 @@ def _check_args(n: int, temperature: float, max_new_tokens: int, batch_size: int
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
     if batch_size < 1:
-        raise ValueError(f"sampler.batch_size={batch_size} must be >= 1")
+        raise ValueError(f"{field}={batch_size} must be >= 1")
