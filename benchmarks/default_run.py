@@ -3,7 +3,7 @@
     python benchmarks/default_run.py --seeds 0 1 2 [--jobs 1] [--out benchmarks/results/default_run]
 
 Runs ``python -m irpo.main seed=<s>`` once per seed (as a user would, in a subprocess)
-into a fresh output root; the first run also builds M0 unless it is cached. Writes
+into a fresh output root, from the shipped M0. Writes
 ``<out>.json`` (every number) and ``<out>.md`` (the tables for the README).
 """
 

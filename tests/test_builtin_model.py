@@ -80,8 +80,11 @@ def test_a_damaged_shipped_file_is_one_clear_error(tmp_path, monkeypatch):
 
 def test_the_package_carries_the_shipped_model(tmp_path):
     """A non-editable install has M0 too: the wheel holds every file of the checkpoint."""
+    src = tmp_path / "src"  # a copy: building in the checkout would leave build/ there
+    shutil.copytree(REPO, src, ignore=shutil.ignore_patterns(
+        ".git", ".venv", "outputs", "build", "*.egg-info", "__pycache__", ".pytest_cache"))
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-                    "-w", str(tmp_path), str(REPO)], check=True, capture_output=True)
+                    "-w", str(tmp_path), str(src)], check=True, capture_output=True)
     (wheel,) = tmp_path.glob("irpo-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
     for f in SHIPPED.iterdir():
