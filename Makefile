@@ -33,9 +33,9 @@ venv: $(TEST_STAMP)
 run: $(RUN_STAMP)
 	$(BIN)/python -m irpo.main $(ARGS)
 
-## The whole test suite, slow end-to-end tests included, on two workers (tests/conftest.py).
+## The whole test suite, slow end-to-end tests included.
 test: $(TEST_STAMP)
-	$(BIN)/python -m pytest -n 2 --dist loadgroup $(PYTEST_ARGS)
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 ## Unit tests only.
 test-fast: $(TEST_STAMP)

@@ -47,11 +47,10 @@ _ONE_WORKER = {"test_slurm": "slurm", "test_two_nodes": "slurm"}
 
 
 def pytest_collection_modifyitems(config, items):
-    """`make test` runs the suite on two pytest-xdist workers (``--dist loadgroup``): a test
-    module stays on one worker, so its module fixtures (a vLLM engine, a built model) start
-    once, and the SLURM modules share one, as they share one cluster. Many tests wait
-    (on SLURM's scheduler, a re-queue, an MLflow server, a subprocess's imports) rather than
-    compute, so the other worker's tests fill the time."""
+    """For a run on pytest-xdist workers (``-n 2 --dist loadgroup``; not the default, see
+    docs/testing.md): a test module stays on one worker, so its module fixtures (a vLLM
+    engine, a built model) start once, and the SLURM modules share one, as they share one
+    cluster. Without xdist the marks do nothing."""
     for item in items:
         name = item.module.__name__
         item.add_marker(pytest.mark.xdist_group(_ONE_WORKER.get(name, name)))
