@@ -22,7 +22,7 @@ from conftest_tasks import cached_task
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from irpo.tasks.math import answers_equal
+from irpo.tasks.math import answers_equal, warm_up
 from irpo.tasks.timeout import BoundedPool, CheckTimeout, hang
 
 TASKS = ("gsm8k", "math", "arc_challenge")
@@ -135,7 +135,10 @@ def test_planted_side_effects_never_happen(tmp_path):
 
 
 def test_worker_that_never_returns_is_killed_and_replaced():
-    pool = BoundedPool({"math_equal": answers_equal, "selftest_hang": hang}, max_workers=1, limit_s=1.0)
+    # warm_up as the product's pool does: a fresh worker's imports are not timed (without it,
+    # the replacement's first check could take over the 1 s limit on a cold start).
+    pool = BoundedPool({"math_equal": answers_equal, "selftest_hang": hang}, warm_up=warm_up,
+                       max_workers=1, limit_s=1.0)
     try:
         assert pool.call("math_equal", "\\frac{1}{2}", "0.5") is True
         start = time.perf_counter()
