@@ -18,7 +18,7 @@ forward through transformers' ``Cache`` interface and differs in four ways:
 
 It also returns each drawn token's log-prob under the raw logits (temperature 1, no top-p),
 which ``generate`` needs a logits processor for. The measured speed-up and what else was
-tried: the README's *Benchmarks* (benchmarks/hf_decode.py).
+tried: docs/benchmarks.md (benchmarks/hf_decode.py).
 """
 
 from __future__ import annotations
